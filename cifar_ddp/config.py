@@ -1,0 +1,278 @@
+"""Typed run configuration: YAML file + dotted command-line overrides, validated.
+
+Every setting lives in one of the dataclasses below, with its default. A YAML
+file only lists what differs from the defaults. Validation happens before any
+work starts: an unknown key, a wrong type or an impossible value stops with a
+message naming the key, what was expected and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Tuple
+
+import yaml
+
+from .errors import ConfigError
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["cifar10", "folder", "fake"] = "cifar10"
+    root: str = "data/cifar10"
+    # cifar10 only: fetch the official archive when it is not in root yet.
+    download: bool = True
+    # fake only: images per split.
+    fake_size: int = 512
+    # folder only: where decoded arrays are cached; "" means <root>/.cifar_ddp_cache.
+    cache_dir: str = ""
+    # Images carved from the training split (fixed by `seed`) to compare recipes
+    # without looking at the test split; 0 evaluates on the test split.
+    val_size: int = 0
+    # DataLoader worker processes (albumentations backend only).
+    num_workers: int = 2
+
+
+@dataclass
+class AugmentConfig:
+    # "tensor": batched on the training device; "albumentations": per image in workers.
+    backend: Literal["tensor", "albumentations"] = "tensor"
+    hflip_p: float = 0.5
+    # Shift-scale-rotate, with albumentations' ShiftScaleRotate defaults.
+    affine_p: float = 0.5
+    shift_limit: float = 0.0625
+    scale_limit: float = 0.1
+    rotate_limit: float = 45.0
+    # Reflect (not black) borders: ShiftScaleRotate's 1.x default, which the seed
+    # trained with; black borders are an artefact the net would learn to ignore.
+    border_mode: Literal["reflect", "constant"] = "reflect"
+    cutout_p: float = 0.5
+    cutout_size: int = 16
+    # Epochs at the end trained without augmentation (0 keeps it to the end).
+    plain_last_epochs: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["seed"] = "seed"
+    # The three channel widths the seed net uses (narrow, middle, wide).
+    widths: List[int] = field(default_factory=lambda: [16, 32, 64])
+    dropout: float = 0.05
+    num_classes: int = 10
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 24
+    # Per process; the global batch is batch_size x world size.
+    batch_size: int = 256
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # Peak learning rate for a global batch of `lr_reference_batch`; it is
+    # scaled linearly with the real global batch.
+    lr: float = 0.2
+    lr_reference_batch: int = 256
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    # onecycle: share of steps spent warming up, start = lr/initial_div, end = lr/final_div.
+    warmup_frac: float = 0.25
+    initial_div: float = 25.0
+    final_div: float = 1e4
+    # Exponential moving average of weights, evaluated instead of the raw weights; 0 = off.
+    ema_decay: float = 0.0
+    # Evaluate on image and its mirror, averaging logits (reported next to plain accuracy).
+    tta_flip: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    channels_last: bool = True
+    sync_bn: bool = False
+    # "" starts fresh, "auto" continues from out_dir/checkpoints/last.pt if present,
+    # anything else is a checkpoint path.
+    resume: str = ""
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    # What a NaN/Inf loss does: stop the run, or skip the step and carry on.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    log_every_steps: int = 50
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    out_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise ConfigError(f"config key '{key}' is {value!r}; expected {_type_name(tp)}")
+    if origin in (list, List):
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' is {value!r}; expected {_type_name(tp)}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of {sorted(_fields(tp))}, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    # bool is an int subclass: never let `true` pass for an int or 1 for a bool.
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(
+        f"config key '{key}' is {value!r} ({type(value).__name__}); expected {_type_name(tp)}"
+    )
+
+
+def _fields(cls: type) -> Dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, values: Dict[str, Any], prefix: str = "") -> Any:
+    fields = _fields(cls)
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; allowed keys under "
+            f"'{prefix.rstrip('.') or '<top level>'}' are: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(values[name], fields[name], prefix + name) for name in values}
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> Tuple[List[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form dotted.key=value, e.g. train.epochs=10")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{text}' has no key before '='")
+    # YAML gives "10" -> 10, "true" -> True, "[1,2]" -> list, "auto" -> "auto".
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_dotted(tree: Dict[str, Any], path: List[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: List[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then validated."""
+    tree: Dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. configs/seed.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        tree = loaded or {}
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        _set_dotted(tree, keys, value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: Dict[str, Any]) -> Config:
+    """Rebuild a Config saved with `Config.to_dict` (e.g. inside a checkpoint)."""
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that type-check but cannot work."""
+    d, a, m, t = cfg.data, cfg.augment, cfg.model, cfg.train
+    _require(t.epochs >= 1, f"train.epochs is {t.epochs}; it must be at least 1")
+    _require(t.batch_size >= 1, f"train.batch_size is {t.batch_size}; it must be at least 1 (it is per process)")
+    _require(t.lr > 0, f"train.lr is {t.lr}; it must be positive")
+    _require(t.lr_reference_batch >= 1, "train.lr_reference_batch must be at least 1")
+    _require(0 <= t.warmup_frac < 1, f"train.warmup_frac is {t.warmup_frac}; it must be in [0, 1)")
+    _require(t.initial_div >= 1 and t.final_div >= 1, "train.initial_div and train.final_div must be >= 1")
+    _require(0 <= t.ema_decay < 1, f"train.ema_decay is {t.ema_decay}; it must be in [0, 1) (0 turns EMA off)")
+    _require(0 <= t.label_smoothing < 1, f"train.label_smoothing is {t.label_smoothing}; it must be in [0, 1)")
+    _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _require(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends)")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
+    _require(t.log_every_steps >= 1, "train.log_every_steps must be at least 1")
+    for name in ("hflip_p", "affine_p", "cutout_p"):
+        p = getattr(a, name)
+        _require(0 <= p <= 1, f"augment.{name} is {p}; a probability must be in [0, 1]")
+    _require(0 <= a.shift_limit < 1, "augment.shift_limit is a fraction of the image size in [0, 1)")
+    _require(0 <= a.scale_limit < 1, "augment.scale_limit must be in [0, 1)")
+    _require(0 <= a.rotate_limit <= 180, "augment.rotate_limit is in degrees, within [0, 180]")
+    _require(1 <= a.cutout_size <= 32, f"augment.cutout_size is {a.cutout_size}; it must fit a 32x32 image (1..32)")
+    _require(0 <= a.plain_last_epochs <= t.epochs, "augment.plain_last_epochs must be within [0, train.epochs]")
+    _require(len(m.widths) == 3 and all(w >= 1 for w in m.widths),
+             f"model.widths is {m.widths}; expected three positive channel counts (narrow, middle, wide), e.g. [16, 32, 64]")
+    _require(0 <= m.dropout < 1, f"model.dropout is {m.dropout}; it must be in [0, 1)")
+    _require(m.num_classes >= 2, "model.num_classes must be at least 2")
+    _require(d.fake_size >= 1, "data.fake_size must be at least 1")
+    _require(d.val_size >= 0, "data.val_size must be >= 0")
+    _require(d.num_workers >= 0, "data.num_workers must be >= 0")
+    _require(bool(cfg.out_dir), "out_dir must not be empty")

@@ -1,0 +1,70 @@
+"""Run one forward pass and record every leaf layer in the order it executes.
+
+Both the summary table and the receptive-field walk read this trace, so they
+always describe the same layers in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TracedLayer:
+    index: int                  # 1-based, in forward order
+    type_name: str              # e.g. "Conv2d"
+    module: nn.Module
+    input_shape: Tuple[int, ...]
+    output_shape: Tuple[int, ...]
+    # False when the layer's input is not the previous layer's output: a branch,
+    # a skip connection or a functional op in between.
+    chained: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.type_name}-{self.index}"
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters(recurse=False))
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(iter(module.children()), None) is None
+
+
+@torch.no_grad()
+def trace_layers(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> List[TracedLayer]:
+    """Leaf layers of `model` in execution order, for one input of `input_size` (C, H, W)."""
+    records: List[TracedLayer] = []
+    last_output: List[torch.Tensor] = []
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        x = inputs[0] if inputs else None
+        chained = (not last_output) or (x is last_output[-1])
+        records.append(TracedLayer(
+            index=len(records) + 1,
+            type_name=type(module).__name__,
+            module=module,
+            input_shape=tuple(x.shape) if isinstance(x, torch.Tensor) else (),
+            output_shape=tuple(output.shape) if isinstance(output, torch.Tensor) else (),
+            chained=chained,
+        ))
+        last_output[:] = [output]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_leaf(m)]
+    was_training = model.training
+    try:
+        model.eval()
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        model(torch.zeros(1, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return records

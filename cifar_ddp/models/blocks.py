@@ -1,0 +1,73 @@
+"""Reusable building blocks: each is an nn.Sequential so that its leaf layers
+(Conv2d, BatchNorm2d, ReLU, Dropout) appear one by one, in forward order, in the
+summary and the receptive-field walk."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+
+class ConvUnit(nn.Sequential):
+    """3x3 (or kxk) conv -> BN -> ReLU [-> Dropout].
+
+    `padding=None` keeps the spatial size for stride 1 ("same" padding, which for
+    a dilated kernel is dilation * (k - 1) / 2). `dropout=None` leaves the Dropout
+    layer out altogether; 0.0 keeps it as a no-op so the layer table stays fixed.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        padding: Optional[int] = None,
+        dropout: Optional[float] = None,
+    ) -> None:
+        if padding is None:
+            padding = dilation * (kernel_size - 1) // 2
+        layers = [
+            # No bias: the BN right after it has its own shift.
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                      padding=padding, dilation=dilation, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+        ]
+        if dropout is not None:
+            layers.append(nn.Dropout(dropout))
+        super().__init__(*layers)
+
+
+class DilatedConvUnit(ConvUnit):
+    """A ConvUnit whose 3x3 kernel is spread over (2 * dilation + 1)^2 pixels:
+    the receptive field grows like a 5x5 kernel's at the cost of a 3x3's weights."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int = 2, **kwargs) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=3, dilation=dilation, **kwargs)
+
+
+class TransitionUnit(ConvUnit):
+    """1x1 conv -> BN -> ReLU that squeezes channels at the start of a block."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, dropout=None)
+
+
+class DepthwiseSeparableUnit(nn.Sequential):
+    """Depthwise 3x3 (one filter per channel) -> pointwise 1x1 -> BN -> ReLU.
+
+    About 1/8 of a full 3x3 conv's weights for the same in/out channels. Both
+    convs keep their bias, as in the seed (320 and 2,112 parameters at 32->64).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, kernel_size, padding=kernel_size // 2,
+                      groups=in_channels, bias=True),
+            nn.Conv2d(in_channels, out_channels, 1, bias=True),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+        )
