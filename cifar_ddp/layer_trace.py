@@ -33,19 +33,29 @@ class TracedLayer:
         return sum(p.numel() for p in self.module.parameters(recurse=False))
 
 
+def _same_tensor(a: object, b: object) -> bool:
+    """True when `a` is `b` or a view of the same memory (e.g. a flatten)."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.data_ptr() == b.data_ptr() and a.numel() == b.numel())
+
+
 def _is_leaf(module: nn.Module) -> bool:
     return next(iter(module.children()), None) is None
 
 
 @torch.no_grad()
 def trace_layers(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> List[TracedLayer]:
-    """Leaf layers of `model` in execution order, for one input of `input_size` (C, H, W)."""
+    """Leaf layers of `model` in execution order, for one input of `input_size` (C, H, W).
+
+    A final pseudo-record of type "<output>" is appended when the model's output is
+    not the last layer's output (something like `y + skip` after the last layer).
+    """
     records: List[TracedLayer] = []
     last_output: List[torch.Tensor] = []
 
     def hook(module: nn.Module, inputs, output) -> None:
         x = inputs[0] if inputs else None
-        chained = (not last_output) or (x is last_output[-1])
+        chained = (not last_output) or _same_tensor(x, last_output[-1])
         records.append(TracedLayer(
             index=len(records) + 1,
             type_name=type(module).__name__,
@@ -62,7 +72,11 @@ def trace_layers(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> L
         model.eval()
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        model(torch.zeros(1, *input_size, device=device))
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        output = model(torch.zeros(1, *input_size, device=device, dtype=dtype))
+        if records and not _same_tensor(output, last_output[-1]):
+            records.append(TracedLayer(len(records) + 1, "<output>", nn.Identity(), records[-1].output_shape,
+                                       tuple(output.shape), chained=False))
     finally:
         model.train(was_training)
         for handle in handles:

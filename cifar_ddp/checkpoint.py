@@ -1,0 +1,155 @@
+"""Checkpoints that are never half-written and never silently wrong.
+
+Layout under <out_dir>/checkpoints/:
+    step-00001234.pt   one per save, the newest `keep_checkpoints` are kept
+    last.pt            the newest save again (what users and `evaluate.py` pick up)
+    best.pt            the save with the best test accuracy so far
+Each file is written to a temporary name in the same folder, flushed to disk,
+then renamed over its final name: a crash mid-save leaves the previous file.
+Each file carries a SHA-256 of its payload, checked on load, so truncation or
+corruption is detected and `resume=auto` falls back to the previous save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, damaged or does not fit this run."""
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def encode(payload: Dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
+    digest = hashlib.sha256(body).hexdigest().encode()
+    # Header: magic, version, checksum of the body; then the torch.save body.
+    return b"CIFARDDP" + str(FORMAT_VERSION).encode() + b"\n" + digest + b"\n" + body
+
+
+def decode(data: bytes, source: str) -> Dict[str, Any]:
+    header = b"CIFARDDP" + str(FORMAT_VERSION).encode() + b"\n"
+    if not data.startswith(header):
+        raise CheckpointError(f"'{source}' is not a cifar_ddp checkpoint (or is from an incompatible version)")
+    rest = data[len(header):]
+    digest, _, body = rest.partition(b"\n")
+    if hashlib.sha256(body).hexdigest().encode() != digest:
+        raise CheckpointError(f"'{source}' is truncated or corrupt (checksum mismatch)")
+    # weights_only=False: the payload holds plain Python containers and RNG states we wrote ourselves.
+    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
+
+
+def load_file(path: str | Path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    return decode(path.read_bytes(), str(path))
+
+
+def step_files(directory: Path) -> List[Tuple[int, Path]]:
+    """(global_step, path) of the step-*.pt files, newest first."""
+    found = []
+    if directory.is_dir():
+        for p in directory.iterdir():
+            match = _STEP_FILE.match(p.name)
+            if match:
+                found.append((int(match.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def save(directory: Path, payload: Dict[str, Any], global_step: int, keep: int, is_best: bool) -> Path:
+    """Write step-N.pt, last.pt (and best.pt), then prune old step files."""
+    data = encode(payload)
+    step_path = directory / f"step-{global_step:08d}.pt"
+    _atomic_write(step_path, data)
+    _atomic_write(directory / "last.pt", data)
+    if is_best:
+        _atomic_write(directory / "best.pt", data)
+    for _, old in step_files(directory)[keep:]:
+        old.unlink(missing_ok=True)
+    return step_path
+
+
+def find_resumable(directory: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The newest checkpoint that loads and passes its checksum, warning about any skipped."""
+    candidates = [p for _, p in step_files(directory)]
+    if not candidates and (directory / "last.pt").is_file():
+        candidates = [directory / "last.pt"]
+    for index, path in enumerate(candidates):
+        try:
+            payload = load_file(path)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+            following = candidates[index + 1] if index + 1 < len(candidates) else None
+            warnings.warn(
+                f"checkpoint '{path}' cannot be used ({exc}); "
+                + (f"falling back to '{following}'" if following else "no older checkpoint is left"),
+                stacklevel=2,
+            )
+            continue
+        return path, payload
+    return None
+
+
+def architecture_signature(state_dict: Dict[str, torch.Tensor]) -> List[Tuple[str, Tuple[int, ...]]]:
+    return [(name, tuple(t.shape)) for name, t in state_dict.items()]
+
+
+def check_architecture(payload: Dict[str, Any], model_state: Dict[str, torch.Tensor], source: str) -> None:
+    saved = payload.get("architecture")
+    here = architecture_signature(model_state)
+    if saved is None or list(saved) == here:
+        return
+    saved_names = dict(saved)
+    for name, shape in here:
+        if name not in saved_names:
+            detail = f"layer '{name}' is not in the checkpoint"
+            break
+        if saved_names[name] != shape:
+            detail = f"'{name}' has shape {saved_names[name]} in the checkpoint but {shape} in this model"
+            break
+    else:
+        detail = f"the checkpoint has {len(saved)} tensors, this model {len(here)}"
+    raise CheckpointError(
+        f"checkpoint '{source}' was saved from a different architecture: {detail}. "
+        "Use the model settings it was trained with (they are stored in the checkpoint's config) "
+        "or start fresh with train.resume=''"
+    )

@@ -1,0 +1,233 @@
+"""Where images come from: official CIFAR-10, an image-folder tree, or fake data.
+
+Every source ends as the same thing: uint8 arrays (N, 32, 32, 3) and int64
+labels per split, plus the class names. Mean and std are computed from the
+training split, never pasted in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..config import CIFAR10_CLASSES, DataConfig
+from ..errors import UserError
+
+IMAGE_SHAPE = (32, 32, 3)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class DataError(UserError):
+    """Missing, unreadable or malformed data."""
+
+
+@dataclass
+class ImageSplit:
+    images: np.ndarray   # (N, 32, 32, 3) uint8, RGB
+    labels: np.ndarray   # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ChannelStats:
+    mean: Tuple[float, float, float]   # per channel, on the [0, 1] scale
+    std: Tuple[float, float, float]
+
+
+@dataclass
+class DatasetArrays:
+    train: Optional[ImageSplit]
+    test: ImageSplit
+    classes: Tuple[str, ...]
+    stats: ChannelStats
+
+
+def channel_stats(images: np.ndarray) -> ChannelStats:
+    """Per-channel mean and std over all pixels of a uint8 NHWC array."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    mean = pixels.mean(axis=0)
+    std = pixels.std(axis=0)
+    return ChannelStats(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+# --------------------------------------------------------------------- cifar10
+
+
+def _load_cifar10(cfg: DataConfig, split: str) -> ImageSplit:
+    from torchvision.datasets import CIFAR10
+
+    root = Path(cfg.root)
+    try:
+        dataset = CIFAR10(str(root), train=(split == "train"), download=cfg.download)
+    except RuntimeError as exc:
+        # torchvision says "Dataset not found or corrupted" when a batch is missing or fails its md5.
+        raise DataError(
+            f"CIFAR-10 not found or corrupted under '{root}' ({exc}). Either allow the download "
+            f"(data.download=true, needs internet), put the official python batches in "
+            f"'{root}/cifar-10-batches-py', or use a local image tree with data.source=folder data.root=DIR"
+        ) from None
+    except OSError as exc:  # URLError and friends: no network
+        raise DataError(
+            f"could not download CIFAR-10 into '{root}': {exc}. Without internet, use data.source=folder "
+            "data.root=DIR (train/<class>/*.png|jpg and test/<class>/*) or copy the official python batches there"
+        ) from None
+    return ImageSplit(np.ascontiguousarray(dataset.data, dtype=np.uint8),
+                      np.asarray(dataset.targets, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------- folder
+
+
+def _list_folder_split(split_dir: Path, classes: Sequence[str]) -> List[Tuple[Path, int]]:
+    if not split_dir.is_dir():
+        raise DataError(
+            f"'{split_dir}' is missing; a folder dataset needs {split_dir.name}/<class>/*.png|jpg "
+            f"with the class folders {', '.join(classes)}"
+        )
+    found = sorted(p for p in split_dir.iterdir() if not p.name.startswith("."))
+    for entry in found:
+        if not entry.is_dir():
+            raise DataError(f"'{entry}' is not a class folder; '{split_dir}' must hold only the class folders {', '.join(classes)}")
+        if entry.name not in classes:
+            raise DataError(f"unknown class folder '{entry}'; expected the class names {', '.join(classes)}")
+    names = {p.name for p in found}
+    missing = [c for c in classes if c not in names]
+    if missing:
+        raise DataError(f"'{split_dir}' has no folder for class(es) {', '.join(missing)}; expected one per class: {', '.join(classes)}")
+    files: List[Tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not images:
+            raise DataError(f"class folder '{class_dir}' holds no .png/.jpg images")
+        files.extend((p, label) for p in images)
+    return files
+
+
+def _decode(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes fully: a truncated file fails here, not later
+            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Exception as exc:  # PIL raises several types for broken files
+        raise DataError(f"cannot read image '{path}': {exc}. Replace or delete the file") from None
+    if array.shape != IMAGE_SHAPE:
+        raise DataError(f"image '{path}' is {array.shape[1]}x{array.shape[0]}; expected 32x32 RGB as in CIFAR-10")
+    return array
+
+
+def _fingerprint(files: Sequence[Tuple[Path, int]]) -> str:
+    digest = hashlib.sha256()
+    for path, label in files:
+        stat = path.stat()
+        digest.update(f"{path.name}|{path.parent.name}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_folder_split(cfg: DataConfig, split: str, classes: Sequence[str]) -> ImageSplit:
+    root = Path(cfg.root)
+    files = _list_folder_split(root / split, classes)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else root / ".cifar_ddp_cache"
+    cache = cache_dir / f"{split}-{_fingerprint(files)}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache) as npz:
+                return ImageSplit(npz["images"], npz["labels"])
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    images = np.stack([_decode(p) for p, _ in files])
+    labels = np.asarray([label for _, label in files], dtype=np.int64)
+    try:
+        _atomic_save_npz(cache, images=images, labels=labels)
+    except OSError:
+        pass  # read-only data root: decoding again next time is slower but correct
+    return ImageSplit(images, labels)
+
+
+# ------------------------------------------------------------------------ fake
+
+
+def _load_fake(cfg: DataConfig, split: str, num_classes: int, seed: int) -> ImageSplit:
+    from torchvision.datasets import FakeData
+
+    # Different offsets keep the test images distinct from the training images.
+    offset = seed * 2 + (0 if split == "train" else 1)
+    dataset = FakeData(size=cfg.fake_size, image_size=(3, 32, 32), num_classes=num_classes,
+                       random_offset=offset * cfg.fake_size)
+    images = np.stack([np.asarray(dataset[i][0], dtype=np.uint8) for i in range(len(dataset))])
+    labels = np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+    return ImageSplit(images, labels)
+
+
+# ------------------------------------------------------------------- interface
+
+
+def _load_split(cfg: DataConfig, split: str, classes: Sequence[str], seed: int) -> ImageSplit:
+    if cfg.source == "cifar10":
+        return _load_cifar10(cfg, split)
+    if cfg.source == "folder":
+        if not Path(cfg.root).is_dir():
+            raise DataError(f"data.root '{cfg.root}' does not exist; point it at a folder holding train/ and test/")
+        return _load_folder_split(cfg, split, classes)
+    return _load_fake(cfg, split, len(classes), seed)
+
+
+def _carve_validation(train: ImageSplit, size: int, seed: int) -> Tuple[ImageSplit, ImageSplit]:
+    if size >= len(train):
+        raise DataError(f"data.val_size={size} leaves no training images (the split has {len(train)}); lower it")
+    order = np.random.default_rng(seed).permutation(len(train))
+    val, rest = order[:size], np.sort(order[size:])
+    return (ImageSplit(train.images[rest], train.labels[rest]),
+            ImageSplit(train.images[val], train.labels[val]))
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0, with_train: bool = True,
+                 stats: Optional[ChannelStats] = None, classes: Sequence[str] = CIFAR10_CLASSES) -> DatasetArrays:
+    """Load the splits `cfg` names. `with_train=False` loads only the test split and
+    then needs `stats` (e.g. from a checkpoint), since they come from training data."""
+    if not with_train and cfg.val_size:
+        with_train = True  # the validation split is carved from the training images
+    train = _load_split(cfg, "train", classes, seed) if with_train else None
+    if train is not None and cfg.val_size:
+        train, test = _carve_validation(train, cfg.val_size, seed)
+    else:
+        test = _load_split(cfg, "test", classes, seed)
+    if stats is None:
+        if train is None:
+            raise DataError("dataset statistics need the training split; pass them from the checkpoint")
+        stats = channel_stats(train.images)
+    return DatasetArrays(train=train, test=test, classes=tuple(classes), stats=stats)
+
+
+def describe(arrays: DatasetArrays) -> Dict[str, object]:
+    return {
+        "train_images": 0 if arrays.train is None else len(arrays.train),
+        "test_images": len(arrays.test),
+        "mean": [round(v, 4) for v in arrays.stats.mean],
+        "std": [round(v, 4) for v in arrays.stats.std],
+    }
+
+
+__all__ = ["ImageSplit", "ChannelStats", "DatasetArrays", "DataError", "channel_stats", "load_dataset", "describe"]

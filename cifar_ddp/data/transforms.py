@@ -1,0 +1,144 @@
+"""The seed's augmentation, twice: per image with albumentations 2.x, and batched
+on tensors on the training device. Both take the same AugmentConfig.
+
+albumentations 2.x pitfalls avoided here:
+- CoarseDropout's 1.x arguments (max_holes, max_height, fill_value, ...) are
+  only warned about and ignored; 2.x wants num_holes_range, hole_*_range, fill.
+- ShiftScaleRotate is a deprecated subclass of Affine whose border default
+  became constant black; we build Affine directly with an explicit border.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..config import AugmentConfig
+from .sources import ChannelStats
+
+
+def _cv2_border(mode: str) -> int:
+    import cv2
+
+    # BORDER_REFLECT_101 is what ShiftScaleRotate used in 1.x (and what the seed trained with).
+    return cv2.BORDER_REFLECT_101 if mode == "reflect" else cv2.BORDER_CONSTANT
+
+
+def albumentations_train(cfg: AugmentConfig, stats: ChannelStats):
+    import albumentations as A
+
+    mean_pixel = tuple(round(255.0 * m) for m in stats.mean)
+    return A.Compose([
+        A.HorizontalFlip(p=cfg.hflip_p),
+        A.Affine(
+            translate_percent=(-cfg.shift_limit, cfg.shift_limit),
+            scale=(1.0 - cfg.scale_limit, 1.0 + cfg.scale_limit),
+            rotate=(-cfg.rotate_limit, cfg.rotate_limit),
+            border_mode=_cv2_border(cfg.border_mode),
+            fill=0,
+            p=cfg.affine_p,
+        ),
+        A.CoarseDropout(
+            num_holes_range=(1, 1),
+            hole_height_range=(cfg.cutout_size, cfg.cutout_size),
+            hole_width_range=(cfg.cutout_size, cfg.cutout_size),
+            fill=mean_pixel,
+            p=cfg.cutout_p,
+        ),
+        A.Normalize(mean=stats.mean, std=stats.std, max_pixel_value=255.0),
+    ])
+
+
+def albumentations_eval(stats: ChannelStats):
+    import albumentations as A
+
+    return A.Compose([A.Normalize(mean=stats.mean, std=stats.std, max_pixel_value=255.0)])
+
+
+def _stats_tensors(stats: ChannelStats, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(stats.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(stats.std, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def normalize_batch(images: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalized float (B, 3, H, W)."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean, std = _stats_tensors(stats, images.device)
+    return (x - mean) / std
+
+
+class BatchAugment:
+    """The albumentations pipeline above, applied to a whole uint8 batch at once.
+
+    Per sample, independently: flip with p=hflip_p; with p=affine_p a rotation,
+    scale and shift drawn uniformly from the same ranges, resampled bilinearly
+    through an affine grid; with p=cutout_p one cutout_size square hole, fully
+    inside the image, set to the dataset mean (0 after normalization).
+    Drawing the parameters and applying them are separate steps, so each can be
+    checked on its own.
+    """
+
+    def __init__(self, cfg: AugmentConfig, stats: ChannelStats) -> None:
+        self.cfg = cfg
+        self.stats = stats
+
+    def sample(self, n: int, height: int, width: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+        cfg, device = self.cfg, gen.device
+
+        def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+            return torch.rand(*shape, generator=gen, device=device) * (high - low) + low
+
+        def coin(p: float) -> torch.Tensor:
+            return torch.rand(n, generator=gen, device=device) < p
+
+        affine = coin(cfg.affine_p)
+        size = cfg.cutout_size
+        return {
+            "flip": coin(cfg.hflip_p),
+            "affine": affine,
+            # Samples without the affine step get the identity.
+            "angle": torch.where(affine, uniform(-cfg.rotate_limit, cfg.rotate_limit, n), 0.0),
+            "scale": torch.where(affine, uniform(1 - cfg.scale_limit, 1 + cfg.scale_limit, n), 1.0),
+            "shift": torch.where(affine.view(n, 1), uniform(-cfg.shift_limit, cfg.shift_limit, n, 2), 0.0),
+            "cutout": coin(cfg.cutout_p),
+            "top": torch.randint(0, height - size + 1, (n,), generator=gen, device=device),
+            "left": torch.randint(0, width - size + 1, (n,), generator=gen, device=device),
+        }
+
+    def apply(self, images: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """uint8 (B, H, W, 3) + drawn parameters -> normalized float (B, 3, H, W)."""
+        cfg = self.cfg
+        n, height, width, _ = images.shape
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        x = torch.where(params["flip"].view(n, 1, 1, 1), x.flip(3), x)
+
+        if bool(params["affine"].any()):
+            # affine_grid maps output to input coordinates in [-1, 1]: the inverse of
+            # "scale, rotate about the centre, then shift by a fraction of the size"
+            # (a shift of f of the image is 2f in these coordinates).
+            angle = params["angle"] * (math.pi / 180.0)
+            cos, sin = torch.cos(angle) / params["scale"], torch.sin(angle) / params["scale"]
+            inverse = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
+            offset = -(inverse @ (2.0 * params["shift"]).unsqueeze(2))
+            grid = F.affine_grid(torch.cat([inverse, offset], 2), list(x.shape), align_corners=False)
+            padding = "reflection" if cfg.border_mode == "reflect" else "zeros"
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+        mean, std = _stats_tensors(self.stats, x.device)
+        x = (x - mean) / std
+
+        size = cfg.cutout_size
+        rows = torch.arange(height, device=x.device).view(1, height, 1)
+        cols = torch.arange(width, device=x.device).view(1, 1, width)
+        top, left = params["top"].view(n, 1, 1), params["left"].view(n, 1, 1)
+        hole = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+        hole &= params["cutout"].view(n, 1, 1)
+        return x.masked_fill(hole.unsqueeze(1), 0.0)
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, height, width, _ = images.shape
+        return self.apply(images, self.sample(n, height, width, gen))

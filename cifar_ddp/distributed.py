@@ -1,0 +1,113 @@
+"""Everything distributed lives here, so the rest reads as single-process code.
+
+Works the same under `python` (one process, no process group), `torchrun`
+(one or several nodes) and `accelerate launch` (which starts torchrun's
+machinery underneath): all of them describe the job with RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (returns a new tensor; exact for integer counts)."""
+        out = tensor.clone()
+        if self.is_distributed:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        if self.is_distributed:
+            dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
+
+    def gather_objects(self, obj: Any) -> List[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.is_distributed:
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def _select_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or device=cpu")
+    if preference in ("cuda", "auto") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                "start at most one process per GPU (--nproc_per_node)"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto", timeout_s: float = 300.0) -> DistContext:
+    """Join the job described by the launcher's environment (or run alone)."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = _select_device(device_preference, local_rank)
+    if world_size == 1:
+        return DistContext(device=device)
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = _env_int("MASTER_PORT", 29500)
+    timeout = timedelta(seconds=timeout_s)
+    # Under torchrun the agent already hosts a TCPStore at MASTER_ADDR:MASTER_PORT and
+    # keeps it across restarts; otherwise rank 0 hosts one.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0 and not agent_store),
+                          timeout=timeout, wait_for_workers=False)
+    # After torchrun restarts a failed group the agent's store still holds the dead
+    # attempt's keys; a fresh namespace per attempt keeps gloo from connecting to them.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"cifar_ddp/attempt{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def shutdown(ctx: DistContext) -> None:
+    # Without an explicit destroy, a gloo rank sometimes aborts at interpreter exit
+    # ("terminate called without an active exception").
+    if ctx.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,123 @@
+"""Every side effect a person sees - console lines, progress bars, TensorBoard,
+the markdown log - happens here, and only on rank 0. Other ranks get a
+`SilentLogger` with the same methods, so callers never test the rank."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator
+
+import torch
+
+
+class SilentLogger:
+    """What every rank but 0 uses: accepts every call, does nothing."""
+
+    def start(self, cfg_dict: Dict[str, Any], info: Dict[str, Any]) -> None: ...
+    def progress(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> Iterable:
+        return iterable
+    def step(self, global_step: int, scalars: Dict[str, float]) -> None: ...
+    def images(self, tag: str, batch: torch.Tensor, global_step: int) -> None: ...
+    def epoch(self, epoch: int, total_epochs: int, row: Dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def finish(self, hparams: Dict[str, Any], final: Dict[str, float]) -> None: ...
+
+
+class MainLogger(SilentLogger):
+    """TensorBoard events + training_log.md + console, under out_dir."""
+
+    def __init__(self, out_dir: Path, progress_bar: bool = True) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self.markdown = out_dir / "training_log.md"
+        self.progress_bar = progress_bar and sys.stderr.isatty()
+        self._bar = None
+        self._started = time.time()
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def start(self, cfg_dict: Dict[str, Any], info: Dict[str, Any]) -> None:
+        (self.out_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+        self.writer.add_text("config", "```\n" + json.dumps(cfg_dict, indent=2) + "\n```")
+        self.message(" | ".join(f"{k}: {v}" for k, v in info.items()))
+        if not self.markdown.exists():
+            self.markdown.write_text(
+                "# Training log\n\n"
+                + "".join(f"- {k}: {v}\n" for k, v in info.items())
+                + "\n| epoch | lr | train loss | train acc | test loss | test acc | time (s) | images/s |\n"
+                "|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            )
+
+    def progress(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> Iterable:
+        if not self.progress_bar:
+            return iterable
+        from tqdm.auto import tqdm
+
+        return self._tracked(tqdm(iterable, total=total, initial=initial, desc=desc, leave=False,
+                                  dynamic_ncols=True))
+
+    def _tracked(self, bar) -> Iterator:
+        self._bar = bar
+        try:
+            yield from bar
+        finally:
+            bar.close()
+            self._bar = None
+
+    def step(self, global_step: int, scalars: Dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, global_step)
+        if self._bar is not None:
+            self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
+
+    def images(self, tag: str, batch: torch.Tensor, global_step: int) -> None:
+        from torchvision.utils import make_grid
+
+        grid = make_grid(batch.float(), nrow=8, normalize=True, scale_each=True)
+        self.writer.add_image(tag, grid, global_step)
+
+    def epoch(self, epoch: int, total_epochs: int, row: Dict[str, Any]) -> None:
+        step = row["global_step"]
+        for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr",
+                     "throughput/images_per_s", "test/accuracy_tta"):
+            if name in row:
+                self.writer.add_scalar(name, row[name], step)
+        self.writer.flush()
+        with self.markdown.open("a") as f:
+            f.write(
+                f"| {epoch} | {row['lr']:.4g} | {row['train/loss']:.4f} | {100 * row['train/accuracy']:.2f}% | "
+                f"{row['test/loss']:.4f} | {100 * row['test/accuracy']:.2f}% | {row['epoch_seconds']:.1f} | "
+                f"{row['throughput/images_per_s']:.0f} |\n"
+            )
+        tta = f" (flip-TTA {100 * row['test/accuracy_tta']:.2f}%)" if "test/accuracy_tta" in row else ""
+        self.message(
+            f"epoch {epoch}/{total_epochs}  lr {row['lr']:.4g}  train loss {row['train/loss']:.4f} "
+            f"acc {100 * row['train/accuracy']:.2f}%  test loss {row['test/loss']:.4f} "
+            f"acc {100 * row['test/accuracy']:.2f}%{tta}  {row['epoch_seconds']:.1f}s "
+            f"{row['throughput/images_per_s']:.0f} img/s"
+        )
+
+    def finish(self, hparams: Dict[str, Any], final: Dict[str, float]) -> None:
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in final.items()}, run_name="hparams")
+        self.writer.flush()
+        self.writer.close()
+        with self.markdown.open("a") as f:
+            f.write("\n" + "".join(f"- final {k}: {v:.4f}\n" for k, v in final.items()))
+
+
+def make_logger(is_main: bool, out_dir: Path, progress_bar: bool = True) -> SilentLogger:
+    return MainLogger(out_dir, progress_bar) if is_main else SilentLogger()
+
+
+__all__ = ["SilentLogger", "MainLogger", "make_logger"]

@@ -1,0 +1,56 @@
+"""Optimizer and learning-rate schedule.
+
+The schedule is a pure function of training progress (a fraction in [0, 1]),
+not a stateful torch scheduler: a run resumed under another world size (so
+with another number of steps per epoch) lands on the same point of the curve.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def peak_lr(cfg: TrainConfig, global_batch: int) -> float:
+    """Linear scaling: `train.lr` is for a global batch of `train.lr_reference_batch`."""
+    return cfg.lr * global_batch / cfg.lr_reference_batch
+
+
+def lr_at(progress: float, cfg: TrainConfig, peak: float) -> float:
+    progress = min(max(progress, 0.0), 1.0)
+    start, end = peak / cfg.initial_div, peak / cfg.final_div
+    if cfg.schedule == "constant":
+        return peak
+    warm = cfg.warmup_frac
+    if progress < warm:
+        # Linear warm-up, as OneCycleLR does for its first phase.
+        return start + (peak - start) * progress / warm
+    fraction = (progress - warm) / (1.0 - warm)
+    return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * fraction))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    # BN gains and all biases are not decayed: shrinking them fights normalization
+    # instead of regularizing the weights.
+    decay: List[nn.Parameter] = []
+    no_decay: List[nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,341 @@
+"""A training run, top to bottom: data, model, optimizer, resume, then a loop of
+train_one_epoch and evaluate, with checkpoints and logs along the way."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data.loaders import AlbumentationsDataset, TrainBatches, eval_shard, _epoch_seed
+from .data.sources import DatasetArrays, load_dataset
+from .data.transforms import BatchAugment
+from .distributed import DistContext
+from .engine import EvalResult, TrainState, evaluate, resolve_precision, train_one_epoch
+from .errors import UserError
+from .loggers import SilentLogger, make_logger
+from .models import build_model
+from .optim import build_optimizer, lr_at, peak_lr
+
+# Exit status of a run stopped by SIGTERM/SIGINT after saving a checkpoint:
+# EX_TEMPFAIL, "try again later" - a scheduler can requeue it with train.resume=auto.
+EXIT_RESUMABLE = 75
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was written in response to SIGTERM/SIGINT."""
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag checked between steps, so a step is never
+    cut in half and every rank stops at the same step."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg: Config, ctx: DistContext) -> DatasetArrays:
+    # Rank 0 goes first so only one process downloads or decodes and fills the cache.
+    if not ctx.is_main:
+        ctx.barrier()
+    try:
+        arrays = load_dataset(cfg.data, seed=cfg.seed, classes=_classes(cfg))
+    finally:
+        if ctx.is_main:
+            ctx.barrier()
+    return arrays
+
+
+def _classes(cfg: Config):
+    from .config import CIFAR10_CLASSES
+
+    if cfg.data.source == "fake":
+        return tuple(f"class{i}" for i in range(cfg.model.num_classes))
+    if cfg.model.num_classes != len(CIFAR10_CLASSES):
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but CIFAR-10 has {len(CIFAR10_CLASSES)} classes")
+    return CIFAR10_CLASSES
+
+
+def build_training_model(cfg: Config, ctx: DistContext) -> nn.Module:
+    model = build_model(cfg)
+    if cfg.train.sync_bn and ctx.is_distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(ctx.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _make_ema(model: nn.Module, decay: float) -> Optional[nn.Module]:
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    # use_buffers: BN running statistics are averaged too, so the EMA model evaluates as is.
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _rank_rng_state(batches: TrainBatches, device: torch.device) -> Dict[str, Any]:
+    state = {"batches": batches.state_dict(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rank_rng_state(state: Dict[str, Any], batches: TrainBatches, device: torch.device) -> None:
+    batches.load_state_dict(state["batches"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> Dict[str, Any]:
+    """Train as `cfg` says; returns the final metrics (on every rank)."""
+    out_dir = Path(cfg.out_dir)
+    t = cfg.train
+    precision = resolve_precision(t.precision, ctx.device)
+    seed_everything(cfg.seed)
+
+    data = load_data(cfg, ctx)
+    assert data.train is not None
+    num_classes = cfg.model.num_classes
+    batches = TrainBatches(data.train, cfg.augment, data.stats, t.batch_size, ctx.rank, ctx.world_size,
+                           cfg.seed, ctx.device, num_workers=cfg.data.num_workers)
+    if batches.steps_per_epoch == 0:
+        per_rank = len(batches.sampler)
+        raise UserError(
+            f"train.batch_size={t.batch_size} is larger than the {per_rank} training images each of the "
+            f"{ctx.world_size} process(es) gets; lower train.batch_size or use fewer processes"
+        )
+    test_shard = eval_shard(data.test, ctx.rank, ctx.world_size)
+
+    model = build_training_model(cfg, ctx)
+    ema = _make_ema(model, t.ema_decay)
+    global_batch = t.batch_size * ctx.world_size
+    peak = peak_lr(t, global_batch)
+    optimizer = build_optimizer(model, t, peak)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    total_steps = t.epochs * batches.steps_per_epoch
+    state = TrainState()
+
+    resume_path = _resume_source(cfg)
+    if resume_path is not None:
+        _resume(resume_path, cfg, ctx, model, ema, optimizer, scaler, state, batches)
+    # Stats and classes travel with every checkpoint so evaluation needs no training data.
+    static = {"stats": asdict(data.stats), "classes": list(data.classes)}
+
+    ddp_model: nn.Module = model
+    if ctx.is_distributed:
+        ddp_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    if logger is None:
+        logger = make_logger(ctx.is_main, out_dir, t.progress_bar)
+    info = {
+        "world size": ctx.world_size, "device": str(ctx.device), "backend": ctx.backend or "none",
+        "precision": precision, "global batch": global_batch, "peak lr": round(peak, 5),
+        "steps/epoch": batches.steps_per_epoch, "train images": len(data.train),
+        "test images": len(data.test), "params": sum(p.numel() for p in model.parameters()),
+        "augment": cfg.augment.backend,
+    }
+    logger.start(cfg.to_dict(), info)
+    if state.global_step == 0:
+        logger.images("train/augmented", _preview(data, cfg), 0)
+    if resume_path is not None:
+        logger.message(f"resumed from {resume_path} at epoch {state.epoch + 1}, step {state.step_in_epoch} of it")
+
+    def lr_for_step(step: int) -> float:
+        return lr_at(step / max(total_steps, 1), t, peak)
+
+    stop = StopSignal()
+    last_eval: Optional[EvalResult] = None
+
+    def save(is_best: bool = False) -> None:
+        """Collective: every rank contributes its RNG state, rank 0 writes."""
+        rank_states = ctx.gather_objects(_rank_rng_state(batches, ctx.device))
+        if ctx.is_main:
+            payload = {
+                "model": model.state_dict(),
+                "architecture": ckpt.architecture_signature(model.state_dict()),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "train_state": asdict(state),
+                "rank_rng": rank_states,
+                "world_size": ctx.world_size,
+                "global_batch": global_batch,
+                "config": cfg.to_dict(),
+                **static,
+            }
+            ckpt.save(ckpt.checkpoint_dir(out_dir), payload, state.global_step, t.keep_checkpoints, is_best)
+        ctx.barrier()
+
+    def on_step(st: TrainState, scalars: Dict[str, Any]) -> None:
+        if st.global_step % t.log_every_steps == 0:
+            logger.step(st.global_step, {"train/step_loss": float(scalars["loss"].detach()), "lr": scalars["lr"]})
+        if t.checkpoint_every_steps and st.global_step % t.checkpoint_every_steps == 0 \
+                and st.step_in_epoch < batches.steps_per_epoch:
+            save()
+
+    def should_stop() -> bool:
+        flag = torch.tensor(1 if stop.received is not None else 0, device=ctx.device)
+        return bool(ctx.max(flag))
+
+    with stop:
+        while state.epoch < t.epochs:
+            epoch = state.epoch
+            augment = epoch < t.epochs - cfg.augment.plain_last_epochs
+            start_step = state.step_in_epoch
+            if start_step == 0:
+                batches.set_epoch(epoch, augment=augment)
+                torch.manual_seed(_epoch_seed(cfg.seed, ctx.rank, epoch) + 1)
+            else:
+                batches.epoch, batches.augment_enabled = epoch, augment
+                batches.sampler.set_epoch(epoch)
+            stream = logger.progress(batches.iterate(start_step), total=batches.steps_per_epoch,
+                                     desc=f"epoch {epoch + 1}/{t.epochs}", initial=start_step)
+            metrics = train_one_epoch(ddp_model, stream, optimizer, lr_for_step, state, t, ctx, precision,
+                                      scaler=scaler, ema=ema, on_step=on_step, should_stop=should_stop)
+            if state.step_in_epoch < batches.steps_per_epoch:
+                save()
+                logger.message(
+                    f"stopped by signal {stop.received} at step {state.global_step}; checkpoint written to "
+                    f"{ckpt.checkpoint_dir(out_dir)}; continue with train.resume=auto"
+                )
+                raise Preempted()
+            state.epoch += 1
+            state.step_in_epoch = 0
+            eval_model = ema.module if ema is not None else model
+            last_eval = evaluate(eval_model, test_shard, data.stats, ctx, precision, num_classes,
+                                 channels_last=t.channels_last)
+            row = {
+                "global_step": state.global_step,
+                "lr": lr_for_step(state.global_step - 1),
+                "train/loss": metrics.loss, "train/accuracy": metrics.accuracy,
+                "test/loss": last_eval.loss, "test/accuracy": last_eval.accuracy,
+                "epoch_seconds": metrics.seconds,
+                "throughput/images_per_s": metrics.images_per_second,
+            }
+            if t.tta_flip:
+                row["test/accuracy_tta"] = evaluate(eval_model, test_shard, data.stats, ctx, precision,
+                                                    num_classes, tta_flip=True,
+                                                    channels_last=t.channels_last).accuracy
+            if state.scaler_skipped_steps or state.skipped_steps:
+                row["skipped_steps"] = state.skipped_steps
+                row["scaler_skipped_steps"] = state.scaler_skipped_steps
+            is_best = last_eval.accuracy > state.best_accuracy
+            state.best_accuracy = max(state.best_accuracy, last_eval.accuracy)
+            state.history.append({k: v for k, v in row.items()} | {"epoch": state.epoch})
+            logger.epoch(state.epoch, t.epochs, row)
+            save(is_best=is_best)
+
+    assert last_eval is not None or state.history
+    final = {
+        "test_accuracy": state.history[-1]["test/accuracy"],
+        "test_loss": state.history[-1]["test/loss"],
+        "best_test_accuracy": state.best_accuracy,
+        "train_accuracy": state.history[-1]["train/accuracy"],
+    }
+    if "test/accuracy_tta" in state.history[-1]:
+        final["test_accuracy_tta"] = state.history[-1]["test/accuracy_tta"]
+    logger.finish(_hparams(cfg, ctx), final)
+    return {**final, "epochs": state.epoch, "global_step": state.global_step,
+            "per_class_accuracy": last_eval.per_class_accuracy if last_eval else None}
+
+
+def _preview(data: DatasetArrays, cfg: Config) -> torch.Tensor:
+    """32 augmented training images, drawn with their own generator so showing
+    them changes nothing in the training run's random stream."""
+    assert data.train is not None
+    images = torch.from_numpy(data.train.images[:32])
+    if cfg.augment.backend == "tensor":
+        return BatchAugment(cfg.augment, data.stats)(images, torch.Generator().manual_seed(cfg.seed))
+    dataset = AlbumentationsDataset(data.train, cfg.augment, data.stats)
+    dataset.pipeline.set_random_seed(cfg.seed)
+    return torch.stack([dataset[i][0] for i in range(min(32, len(dataset)))])
+
+
+def _hparams(cfg: Config, ctx: DistContext) -> Dict[str, Any]:
+    t = cfg.train
+    return {
+        "epochs": t.epochs, "batch_size": t.batch_size, "world_size": ctx.world_size, "lr": t.lr,
+        "optimizer": t.optimizer, "schedule": t.schedule, "weight_decay": t.weight_decay,
+        "label_smoothing": t.label_smoothing, "dropout": cfg.model.dropout, "ema_decay": t.ema_decay,
+        "precision": t.precision, "augment_backend": cfg.augment.backend, "seed": cfg.seed,
+    }
+
+
+def _resume_source(cfg: Config) -> Optional[Path]:
+    resume = cfg.train.resume
+    if not resume:
+        return None
+    if resume == "auto":
+        directory = ckpt.checkpoint_dir(cfg.out_dir)
+        found = ckpt.find_resumable(directory)
+        return found[0] if found else None
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"train.resume='{resume}' does not exist; pass a checkpoint file or train.resume=auto")
+    return path
+
+
+def _resume(path: Path, cfg: Config, ctx: DistContext, model: nn.Module, ema: Optional[nn.Module],
+            optimizer: torch.optim.Optimizer, scaler, state: TrainState, batches: TrainBatches) -> None:
+    payload = ckpt.load_file(path)
+    ckpt.check_architecture(payload, model.state_dict(), str(path))
+    model.load_state_dict(payload["model"])
+    if ema is not None and payload.get("ema") is not None:
+        ema.load_state_dict(payload["ema"])
+    optimizer.load_state_dict(payload["optimizer"])
+    if scaler is not None and payload.get("scaler") is not None:
+        scaler.load_state_dict(payload["scaler"])
+    saved = payload["train_state"]
+    for key, value in saved.items():
+        setattr(state, key, value)
+    old_world, old_batch = payload["world_size"], payload["global_batch"]
+    new_batch = batches.batch_size * ctx.world_size
+    if old_world != ctx.world_size or old_batch != new_batch:
+        # Another world size splits epochs into another number of steps: continue at
+        # the same share of the epoch (the schedule follows global_step, so recompute it).
+        # Augmentation and dropout draws of the rest of a split epoch differ from the original.
+        done_images = state.step_in_epoch * old_batch
+        state.step_in_epoch = min(done_images // new_batch, batches.steps_per_epoch - 1) if done_images else 0
+        state.global_step = state.epoch * batches.steps_per_epoch + state.step_in_epoch
+        if state.step_in_epoch:
+            batches.set_epoch(state.epoch)
+        return
+    if state.step_in_epoch:
+        batches.set_epoch(state.epoch)
+        _restore_rank_rng_state(payload["rank_rng"][ctx.rank], batches, ctx.device)
+    # At an epoch boundary set_epoch re-derives every random stream from (seed, rank, epoch).
+
+
+__all__ = ["run", "EXIT_RESUMABLE", "Preempted"]

@@ -1,0 +1,82 @@
+"""Shared helpers: synthetic image folders, launching real multi-process jobs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cifar_ddp.config import CIFAR10_CLASSES  # noqa: E402
+
+# Upper bound for one launched job; a hang fails the test instead of CI's whole run.
+JOB_TIMEOUT_S = 240
+
+
+def make_image_folder(root: Path, per_class: int = 3, splits: Sequence[str] = ("train", "test"),
+                      suffix: str = ".png", seed: int = 0, classes: Sequence[str] = CIFAR10_CLASSES) -> Path:
+    """A train/<class>/*.png, test/<class>/*.png tree of random 32x32 RGB images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}{suffix}")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # Two processes on two cores: one thread each, or they fight over the cores.
+    env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.update(extra or {})
+    return env
+
+
+def run_job(argv: List[str], timeout: float = JOB_TIMEOUT_S, env: Optional[Dict[str, str]] = None,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=cwd, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(nproc: int, script_args: List[str], extra: Optional[List[str]] = None) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *(extra or []), str(REPO / "launch" / "train.py"), *script_args]
+
+
+def train_cmd(*args: str) -> List[str]:
+    return [sys.executable, str(REPO / "launch" / "train.py"), *args]
+
+
+def tiny_overrides(out_dir: Path, **extra: object) -> List[str]:
+    """A run of a few seconds on fake data."""
+    values = {
+        "data.source": "fake", "data.fake_size": 96, "train.epochs": 2, "train.batch_size": 16,
+        "out_dir": str(out_dir), "train.progress_bar": "false", "model.dropout": 0.1,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")

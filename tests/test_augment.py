@@ -1,0 +1,175 @@
+"""Both augmentation paths: albumentations per image, and the batched tensor twin."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from cifar_ddp.config import AugmentConfig
+from cifar_ddp.data import BatchAugment, ChannelStats, albumentations_eval, albumentations_train, normalize_batch
+
+STATS = ChannelStats(mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+MEAN_PIXEL = np.round(255 * np.array(STATS.mean))
+
+
+def only(**probabilities) -> AugmentConfig:
+    base = {"hflip_p": 0.0, "affine_p": 0.0, "cutout_p": 0.0}
+    base.update(probabilities)
+    return AugmentConfig(**base)
+
+
+def random_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def normalized(images: np.ndarray) -> np.ndarray:
+    return (images / 255.0 - np.array(STATS.mean)) / np.array(STATS.std)
+
+
+# ----------------------------------------------------------------- albumentations
+
+
+def test_pipeline_builds_without_deprecation_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        albumentations_train(AugmentConfig(), STATS)
+
+
+def test_albumentations_output_shape_dtype_and_eval_is_only_normalized():
+    image = random_images(1)[0]
+    out = albumentations_train(AugmentConfig(), STATS)(image=image)["image"]
+    assert out.shape == (32, 32, 3) and out.dtype == np.float32
+    plain = albumentations_eval(STATS)(image=image)["image"]
+    assert np.allclose(plain, normalized(image), atol=1e-5)
+
+
+def test_albumentations_flip():
+    image = random_images(1)[0]
+    out = albumentations_train(only(hflip_p=1.0), STATS)(image=image)["image"]
+    assert np.allclose(out, normalized(image[:, ::-1]), atol=1e-5)
+
+
+def test_albumentations_one_16x16_hole_filled_with_mean():
+    pipeline = albumentations_train(only(cutout_p=1.0), STATS)
+    pipeline.set_random_seed(0)
+    black = np.zeros((32, 32, 3), np.uint8)
+    hole_value = normalized(MEAN_PIXEL)
+    for _ in range(20):
+        out = pipeline(image=black)["image"]
+        in_hole = np.all(np.isclose(out, hole_value, atol=1e-4), axis=2)
+        ys, xs = np.nonzero(in_hole)
+        assert in_hole.sum() == 256
+        assert ys.max() - ys.min() == 15 and xs.max() - xs.min() == 15
+
+
+def test_albumentations_affine_keeps_borders_reflected():
+    # A constant image stays constant under reflect padding, whatever the shift/rotation.
+    pipeline = albumentations_train(only(affine_p=1.0), STATS)
+    image = np.full((32, 32, 3), 200, np.uint8)
+    out = pipeline(image=image)["image"]
+    assert np.allclose(out, normalized(image), atol=1e-4)
+
+
+# ------------------------------------------------------------------ batched path
+
+
+def params_for(cfg: AugmentConfig, n: int = 4000, seed: int = 0):
+    return BatchAugment(cfg, STATS).sample(n, 32, 32, torch.Generator().manual_seed(seed))
+
+
+def test_batched_parameter_rates_and_ranges():
+    cfg = AugmentConfig(hflip_p=0.5, affine_p=0.3, cutout_p=0.7, shift_limit=0.1, scale_limit=0.2, rotate_limit=30)
+    p = params_for(cfg)
+    assert abs(p["flip"].float().mean() - 0.5) < 0.03
+    assert abs(p["affine"].float().mean() - 0.3) < 0.03
+    assert abs(p["cutout"].float().mean() - 0.7) < 0.03
+    on = p["affine"]
+    assert p["angle"][on].abs().max() <= 30 and p["angle"][on].abs().max() > 28
+    assert (p["scale"][on] - 1).abs().max() <= 0.2 and (p["scale"][on] - 1).abs().max() > 0.19
+    assert p["shift"][on].abs().max() <= 0.1 and p["shift"][on].abs().max() > 0.099
+    assert torch.all(p["angle"][~on] == 0) and torch.all(p["scale"][~on] == 1)
+    assert p["top"].min() == 0 and p["top"].max() == 16 and p["left"].max() == 16
+
+
+def test_batched_flip_and_normalization_exact():
+    images = torch.from_numpy(random_images(64))
+    augment = BatchAugment(only(hflip_p=0.5), STATS)
+    params = augment.sample(64, 32, 32, torch.Generator().manual_seed(1))
+    out = augment.apply(images, params)
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
+    plain = normalize_batch(images, STATS)
+    for i in range(64):
+        expected = plain[i].flip(2) if params["flip"][i] else plain[i]
+        assert torch.allclose(out[i], expected, atol=1e-5)
+
+
+def test_batched_hole_is_one_square_at_the_mean():
+    images = torch.from_numpy(random_images(200)) | 1  # no pixel normalizes to exactly 0 by chance
+    augment = BatchAugment(only(cutout_p=0.5, cutout_size=16), STATS)
+    params = augment.sample(200, 32, 32, torch.Generator().manual_seed(2))
+    out = augment.apply(images, params)
+    holes = (out == 0).all(1)
+    for i in range(200):
+        if params["cutout"][i]:
+            ys, xs = torch.nonzero(holes[i], as_tuple=True)
+            assert holes[i].sum() == 256 and ys.max() - ys.min() == 15 and xs.max() - xs.min() == 15
+        else:
+            assert holes[i].sum() == 0
+
+
+def test_batched_shift_moves_pixels_by_the_drawn_fraction():
+    images = torch.from_numpy(random_images(2))
+    augment = BatchAugment(only(), STATS)
+    params = augment.sample(2, 32, 32, torch.Generator().manual_seed(0))
+    params["affine"][:] = True
+    params["shift"] = torch.tensor([[4 / 32, 0.0], [0.0, -8 / 32]])
+    out = augment.apply(images, params)
+    plain = normalize_batch(images, STATS)
+    assert torch.allclose(out[0, :, :, 4:], plain[0, :, :, :-4], atol=1e-4)   # 4 px to the right
+    assert torch.allclose(out[1, :, :-8, :], plain[1, :, 8:, :], atol=1e-4)   # 8 px up
+
+
+def test_batched_rotation_by_90_degrees():
+    images = torch.from_numpy(random_images(1))
+    augment = BatchAugment(only(), STATS)
+    params = augment.sample(1, 32, 32, torch.Generator().manual_seed(0))
+    params["affine"][:] = True
+    params["angle"] = torch.tensor([90.0])
+    out = augment.apply(images, params)
+    plain = normalize_batch(images, STATS)
+    turned = [torch.rot90(plain[0], k, dims=(1, 2)) for k in (1, 3)]
+    assert any(torch.allclose(out[0], t, atol=1e-4) for t in turned)
+
+
+def test_batched_and_albumentations_agree_in_distribution():
+    """Same config, same images: the share of hole pixels, of mirrored images and the
+    output mean/std agree between the two paths."""
+    cfg = AugmentConfig(hflip_p=0.5, affine_p=0.5, cutout_p=0.5)
+    images = random_images(600, seed=3)
+    pipeline = albumentations_train(cfg, STATS)
+    pipeline.set_random_seed(0)
+    reference = np.stack([pipeline(image=im)["image"] for im in images]).transpose(0, 3, 1, 2)
+    batched = BatchAugment(cfg, STATS)(torch.from_numpy(images), torch.Generator().manual_seed(0)).numpy()
+    hole_value = normalized(MEAN_PIXEL).reshape(1, 3, 1, 1)
+    ref_holes = np.all(np.isclose(reference, hole_value, atol=1e-3), axis=1).mean()
+    our_holes = np.all(batched == 0, axis=1).mean()
+    assert abs(ref_holes - our_holes) < 0.02 and abs(our_holes - 0.125) < 0.02
+    assert abs(reference.mean() - batched.mean()) < 0.02
+    assert abs(reference.std() - batched.std()) < 0.03
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant"])
+def test_batched_border_mode(mode):
+    images = torch.full((1, 32, 32, 3), 200, dtype=torch.uint8)
+    augment = BatchAugment(only(border_mode=mode), STATS)
+    params = augment.sample(1, 32, 32, torch.Generator().manual_seed(0))
+    params["affine"][:] = True
+    params["shift"] = torch.tensor([[0.25, 0.0]])
+    out = augment.apply(images, params)
+    left_strip = out[0, :, :, :4]
+    black = torch.tensor([(0 - m) / s for m, s in zip(STATS.mean, STATS.std)]).view(3, 1, 1)
+    if mode == "reflect":
+        assert torch.allclose(left_strip, out[0, :, :, 16:20], atol=1e-4)
+    else:
+        assert torch.allclose(left_strip, black.expand_as(left_strip), atol=1e-4)

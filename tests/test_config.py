@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from cifar_ddp.config import Config, config_from_dict, load_config
+from cifar_ddp.errors import ConfigError
+
+from conftest import REPO
+
+
+def test_defaults_then_file_then_overrides():
+    cfg = load_config(REPO / "configs" / "seed.yaml", ["train.epochs=3", "data.source=fake", "train.lr=0.05"])
+    assert cfg.train.epochs == 3 and cfg.data.source == "fake" and cfg.train.lr == 0.05
+    assert cfg.model.widths == [16, 32, 64]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    assert isinstance(load_config(REPO / "configs" / name), Config)
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.epoch=3"])
+    message = str(err.value)
+    assert "train.epoch" in message and "epochs" in message and "batch_size" in message
+
+
+def test_unknown_section_in_yaml(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'trainer'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.epochs=ten", "expected int"),
+    ("train.epochs=2.5", "expected int"),
+    ("train.channels_last=1", "expected bool"),
+    ("train.precision=fp8", "one of 'auto', 'bf16', 'fp16', 'fp32'"),
+    ("model.widths=16", "expected list of int"),
+])
+def test_wrong_types_name_key_and_type(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(err.value) and fragment in str(err.value)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.epochs=0", "train.epochs"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("augment.cutout_p=1.5", "augment.cutout_p"),
+    ("model.widths=[16,32]", "model.widths"),
+])
+def test_impossible_values_are_refused(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such.yaml")
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["train.epochs=7", "model.dropout=0.2"])
+    assert config_from_dict(cfg.to_dict()) == cfg

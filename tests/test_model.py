@@ -1,0 +1,82 @@
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_ddp.config import load_config
+from cifar_ddp.errors import ConfigError
+from cifar_ddp.models import SeedNet, build_model
+from cifar_ddp.summary import summarize
+
+from conftest import REPO
+
+SEED_TABLE = Path(__file__).parent / "data" / "seed_summary.txt"
+ROW = re.compile(r"^\s*(\S+)\s+(\[.*?\])\s+([\d,]+)\s*$")
+
+
+def seed_rows():
+    rows = []
+    for line in SEED_TABLE.read_text().splitlines():
+        match = ROW.match(line)
+        if match:
+            label, shape, params = match.groups()
+            rows.append((label, [int(v) for v in shape.strip("[]").split(",")], int(params.replace(",", ""))))
+    return rows
+
+
+def test_reference_table_is_complete():
+    rows = seed_rows()
+    assert len(rows) == 54
+    assert sum(r[2] for r in rows) == 150_576
+
+
+def test_summary_matches_seed_table_row_by_row():
+    ours = [(r.label, r.output_shape, r.params) for r in summarize(build_model("seed"))]
+    expected = seed_rows()
+    assert len(ours) == len(expected)
+    for mine, theirs in zip(ours, expected):
+        assert mine == theirs
+
+
+def test_parameter_count_and_output():
+    model = build_model("seed")
+    assert sum(p.numel() for p in model.parameters()) == 150_576
+    logits = model(torch.randn(4, 3, 32, 32))
+    assert logits.shape == (4, 10)
+
+
+def test_no_max_pooling_and_required_ingredients():
+    model = build_model("seed")
+    modules = list(model.modules())
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in modules)
+    convs = [m for m in modules if isinstance(m, torch.nn.Conv2d)]
+    assert any(c.groups == c.in_channels > 1 for c in convs), "a depthwise conv"
+    for block in (model.c1, model.c2, model.c3, model.c4):
+        assert any(isinstance(m, torch.nn.Conv2d) and m.dilation[0] > 1 for m in block.modules())
+    assert isinstance(model.output[0], torch.nn.AdaptiveAvgPool2d)
+
+
+def test_widths_and_dropout_come_from_config():
+    cfg = load_config(None, ["model.widths=[8,16,32]", "model.dropout=0.2"])
+    model = build_model(cfg)
+    assert isinstance(model, SeedNet)
+    assert model.c1[0][0].out_channels == 8
+    assert all(m.p == 0.2 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_unknown_model_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.name"):
+        load_config(None, ["model.name=resnet"])
+
+
+def test_summary_command_prints_table_rf_and_totals():
+    out = subprocess.run([sys.executable, "-m", "cifar_ddp.summary", "--config", "configs/seed.yaml"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Total params: 150,576" in out.stdout
+    assert "Receptive field: 91" in out.stdout
+    assert "[-1, 64, 2, 2]" in out.stdout and "MACs" in out.stdout

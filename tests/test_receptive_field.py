@@ -1,0 +1,106 @@
+import pytest
+import torch
+from torch import nn
+
+from cifar_ddp import ReceptiveFieldError, receptive_field
+from cifar_ddp.models import build_model
+
+
+def conv(cin, cout, k=3, s=1, d=1, p=None, groups=1):
+    return nn.Conv2d(cin, cout, k, stride=s, dilation=d, padding=d * (k - 1) // 2 if p is None else p, groups=groups)
+
+
+@pytest.mark.parametrize("layers, expected", [
+    # plain 3x3 stack: 1 + 2 + 2 + 2
+    ([conv(3, 4), conv(4, 4), conv(4, 4)], 7),
+    # strided: 3 (j=1) -> stride 2 conv adds 2 -> 5, j=2 -> next 3x3 adds 4 -> 9
+    ([conv(3, 4), conv(4, 4, s=2), conv(4, 4)], 9),
+    # dilated 3x3 with d=2 behaves like 5x5: 1 + 4 = 5, then + 2 = 7
+    ([conv(3, 4, d=2), conv(4, 4)], 7),
+    # 1x1 leaves it unchanged
+    ([conv(3, 4, k=1), conv(4, 4), conv(4, 4, k=1)], 3),
+    # depthwise 3x3 counts like any 3x3
+    ([conv(3, 6), conv(6, 6, groups=6), conv(6, 8, k=1)], 5),
+    # dilated and strided: k_eff = 5 -> +4, j=2; then 3x3 -> +4 => 9
+    ([conv(3, 4, s=2, d=2), conv(4, 4)], 9),
+    # pooling counts as a kernel too: 3 -> maxpool 2/2 adds 1 -> 4, j=2 -> 3x3 adds 4 -> 8
+    ([conv(3, 4), nn.MaxPool2d(2), conv(4, 4)], 8),
+])
+def test_hand_computed_stacks(layers, expected):
+    model = nn.Sequential(*layers, nn.ReLU())
+    assert receptive_field(model, (3, 32, 32)).receptive_field == expected
+
+
+def test_seed_network_is_91():
+    report = receptive_field(build_model("seed"))
+    assert report.receptive_field == 91
+    rows = {r.layer: r for r in report.rows}
+    assert rows["Conv2d-5"].dilation == 2 and rows["Conv2d-5"].effective_kernel == 5
+    assert rows["Conv2d-13"].stride == 2 and rows["Conv2d-13"].jump == 2
+    assert rows["AdaptiveAvgPool2d-53"].is_global
+    assert rows["Conv2d-50"].receptive_field == 91 and rows["Conv2d-50"].output_size == (2, 2)
+
+
+def gradient_extent(model: nn.Module, size: int) -> int:
+    """Rows of the input that influence the central unit of the last feature map."""
+    model = model.eval().double()
+    total = torch.zeros(size, size, dtype=torch.float64)
+    torch.manual_seed(0)
+    for _ in range(3):
+        # Positive inputs and weights: no ReLU cuts a path, so every pixel in the field shows.
+        x = torch.rand(1, 3, size, size, dtype=torch.float64, requires_grad=True)
+        out = model(x)
+        h, w = out.shape[-2:]
+        out[0, :, h // 2, w // 2].sum().backward()
+        total += x.grad[0].abs().sum(0)
+    rows = torch.nonzero(total.sum(1) > 0).flatten()
+    return int(rows.max() - rows.min() + 1)
+
+
+def test_empirical_extent_matches_for_seed_features():
+    model = build_model("seed")
+    features = nn.Sequential(model.c1, model.c2, model.c3, model.c4)
+    with torch.no_grad():
+        for m in features.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.abs_()
+    assert gradient_extent(features, 192) == receptive_field(features, (3, 192, 192)).receptive_field == 91
+
+
+@pytest.mark.parametrize("layers", [
+    [conv(3, 4, s=2, d=2), conv(4, 4, d=3), nn.AvgPool2d(3, 2, 1), conv(4, 4)],
+    [conv(3, 4, k=5, s=2), conv(4, 4, groups=4), conv(4, 4, s=2, d=2)],
+])
+def test_empirical_extent_matches_other_stacks(layers):
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.abs_()
+    assert gradient_extent(model, 96) == receptive_field(model, (3, 96, 96)).receptive_field
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv(3, 4)
+        self.b = conv(4, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y) + y
+
+
+class Shrinker(nn.Module):
+    def forward(self, x):
+        return x[..., ::2, ::2]
+
+
+def test_branch_is_refused():
+    with pytest.raises(ReceptiveFieldError, match="branch"):
+        receptive_field(Branchy())
+
+
+def test_unknown_resolution_change_is_refused():
+    with pytest.raises(ReceptiveFieldError, match="Shrinker"):
+        receptive_field(nn.Sequential(conv(3, 4), Shrinker(), conv(4, 4)))
