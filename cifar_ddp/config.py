@@ -8,6 +8,7 @@ message naming the key, what was expected and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ class TrainConfig:
     # anything else is a checkpoint path.
     resume: str = ""
     checkpoint_every_steps: int = 0
+    # End this invocation once this many steps are done in total (0 = never), with a
+    # checkpoint and exit status 75, as if preempted: for time-sliced cluster jobs.
+    stop_after_steps: int = 0
     keep_checkpoints: int = 2
     # What a NaN/Inf loss does: stop the run, or skip the step and carry on.
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -225,16 +229,15 @@ def load_config(path: str | Path | None = None, overrides: List[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
         tree = loaded or {}
+    return config_from_dict(tree, overrides)
+
+
+def config_from_dict(tree: Dict[str, Any], overrides: List[str] | None = None) -> Config:
+    """Build a Config from a nested dict (e.g. `Config.to_dict` saved in a checkpoint)."""
+    tree = copy.deepcopy(tree)
     for text in overrides or []:
         keys, value = _parse_override(text)
         _set_dotted(tree, keys, value)
-    cfg = _build(Config, tree)
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(tree: Dict[str, Any]) -> Config:
-    """Rebuild a Config saved with `Config.to_dict` (e.g. inside a checkpoint)."""
     cfg = _build(Config, tree)
     validate(cfg)
     return cfg
@@ -257,7 +260,10 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.ema_decay < 1, f"train.ema_decay is {t.ema_decay}; it must be in [0, 1) (0 turns EMA off)")
     _require(0 <= t.label_smoothing < 1, f"train.label_smoothing is {t.label_smoothing}; it must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _require(not (t.nesterov and t.optimizer == "sgd" and t.momentum <= 0),
+             "train.nesterov=true needs train.momentum > 0; set one or the other")
     _require(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends)")
+    _require(t.stop_after_steps >= 0, "train.stop_after_steps must be >= 0 (0 = run to the end)")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
     _require(t.log_every_steps >= 1, "train.log_every_steps must be at least 1")
     for name in ("hflip_p", "affine_p", "cutout_p"):

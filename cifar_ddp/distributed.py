@@ -52,6 +52,20 @@ class DistContext:
             dist.all_reduce(out, op=dist.ReduceOp.MAX)
         return out
 
+    def average_buffers(self, model: torch.nn.Module) -> None:
+        """Average floating-point buffers (BN running statistics) over ranks.
+
+        DDP broadcasts rank 0's buffers at the start of each forward, but the last
+        forward of an epoch updates each rank's statistics from its own batch: left
+        alone, ranks would evaluate and save slightly different models.
+        """
+        if not self.is_distributed:
+            return
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                buffer.div_(self.world_size)
+
     def gather_objects(self, obj: Any) -> List[Any]:
         """Every rank's `obj`, in rank order, on every rank."""
         if not self.is_distributed:

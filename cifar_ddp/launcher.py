@@ -40,3 +40,27 @@ def run_training(config_path: Optional[str], overrides: List[str]) -> int:
     finally:
         if ctx is not None:
             shutdown(ctx)
+
+
+def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tta_flip: bool) -> int:
+    from .evaluation import evaluate_checkpoint, format_report
+
+    ctx = None
+    try:
+        from .config import config_from_dict
+        from .checkpoint import load_file
+
+        payload = load_file(checkpoint_path)
+        cfg = config_from_dict(payload["config"], overrides)
+        ctx = init_distributed(cfg.device)
+        report = evaluate_checkpoint(payload, cfg, ctx, tta_flip=tta_flip)
+        if ctx.is_main:
+            report["checkpoint"] = str(checkpoint_path)
+            print(json.dumps(report, indent=2) if as_json else format_report(report), flush=True)
+        return 0
+    except UserError as exc:
+        report_error(exc, ctx.rank if ctx else 0)
+        return EXIT_USER_ERROR
+    finally:
+        if ctx is not None:
+            shutdown(ctx)

@@ -3,6 +3,7 @@ train_one_epoch and evaluate, with checkpoints and logs along the way."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import signal
 import time
@@ -68,14 +69,14 @@ def load_data(cfg: Config, ctx: DistContext) -> DatasetArrays:
     if not ctx.is_main:
         ctx.barrier()
     try:
-        arrays = load_dataset(cfg.data, seed=cfg.seed, classes=_classes(cfg))
+        arrays = load_dataset(cfg.data, seed=cfg.seed, classes=class_names(cfg))
     finally:
         if ctx.is_main:
             ctx.barrier()
     return arrays
 
 
-def _classes(cfg: Config):
+def class_names(cfg: Config):
     from .config import CIFAR10_CLASSES
 
     if cfg.data.source == "fake":
@@ -206,8 +207,15 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
             save()
 
     def should_stop() -> bool:
+        if t.stop_after_steps and state.global_step >= t.stop_after_steps:
+            return True  # the same on every rank: no need to ask the others
         flag = torch.tensor(1 if stop.received is not None else 0, device=ctx.device)
         return bool(ctx.max(flag))
+
+    def interrupt(reason: str) -> None:
+        logger.message(f"{reason} at step {state.global_step}; checkpoint in {ckpt.checkpoint_dir(out_dir)}; "
+                       "continue with train.resume=auto")
+        raise Preempted()
 
     with stop:
         while state.epoch < t.epochs:
@@ -226,13 +234,12 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
                                       scaler=scaler, ema=ema, on_step=on_step, should_stop=should_stop)
             if state.step_in_epoch < batches.steps_per_epoch:
                 save()
-                logger.message(
-                    f"stopped by signal {stop.received} at step {state.global_step}; checkpoint written to "
-                    f"{ckpt.checkpoint_dir(out_dir)}; continue with train.resume=auto"
-                )
-                raise Preempted()
+                interrupt(_stop_reason(stop, t.stop_after_steps))
             state.epoch += 1
             state.step_in_epoch = 0
+            ctx.average_buffers(model)
+            if ema is not None:
+                ctx.average_buffers(ema)
             eval_model = ema.module if ema is not None else model
             last_eval = evaluate(eval_model, test_shard, data.stats, ctx, precision, num_classes,
                                  channels_last=t.channels_last)
@@ -256,6 +263,8 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
             state.history.append({k: v for k, v in row.items()} | {"epoch": state.epoch})
             logger.epoch(state.epoch, t.epochs, row)
             save(is_best=is_best)
+            if state.epoch < t.epochs and should_stop():
+                interrupt(_stop_reason(stop, t.stop_after_steps))
 
     assert last_eval is not None or state.history
     final = {
@@ -267,8 +276,26 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
     if "test/accuracy_tta" in state.history[-1]:
         final["test_accuracy_tta"] = state.history[-1]["test/accuracy_tta"]
     logger.finish(_hparams(cfg, ctx), final)
-    return {**final, "epochs": state.epoch, "global_step": state.global_step,
+    # DDP keeps replicas identical by construction; the digests let anyone check it.
+    digests = ctx.gather_objects(weights_digest(model))
+    return {**final, "epochs": state.epoch, "global_step": state.global_step, "world_size": ctx.world_size,
+            "replica_digests": digests,
             "per_class_accuracy": last_eval.per_class_accuracy if last_eval else None}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in state_dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _stop_reason(stop: StopSignal, stop_after_steps: int) -> str:
+    if stop.received is not None:
+        return f"stopped by {signal.Signals(stop.received).name}"
+    return f"stopped as asked by train.stop_after_steps={stop_after_steps}"
 
 
 def _preview(data: DatasetArrays, cfg: Config) -> torch.Tensor:

@@ -22,14 +22,15 @@ from cifar_ddp.launcher import run_training  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/seed.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                        help="continue a run: a checkpoint path, or no value for the newest in out_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest good checkpoint in out_dir (same as train.resume=auto; "
+                             "for a given file use train.resume=PATH)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. train.epochs=10 data.source=fake")
     args = parser.parse_args()
     overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"train.resume={args.resume}")
+    if args.resume:
+        overrides.append("train.resume=auto")
     return run_training(args.config, overrides)
 
 

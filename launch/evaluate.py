@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on the test split of the configured data.
+
+    python launch/evaluate.py --checkpoint runs/fast85/checkpoints/best.pt
+    python launch/evaluate.py --checkpoint CKPT data.source=folder data.root=DIR --json
+
+The run's own config (stored in the checkpoint) is the starting point; dotted
+overrides change it, e.g. to point at another copy of the data. DIR may hold
+only a test/ tree: normalization uses the statistics saved with the checkpoint.
+Also runs under torchrun; the metrics are exact for any number of processes.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cifar_ddp.launcher import run_evaluation  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by launch/train.py")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--tta", action="store_true", help="average logits of each image and its mirror")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    args = parser.parse_args()
+    return run_evaluation(args.checkpoint, args.overrides, args.json, args.tta)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Single-process training: a run end to end, exact resume, logs, evaluation CLI."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_ddp import checkpoint as ckpt
+from cifar_ddp.config import load_config
+from cifar_ddp.distributed import DistContext
+from cifar_ddp.errors import UserError
+from cifar_ddp.trainer import Preempted, run
+
+from conftest import make_image_folder, run_job, tiny_overrides, train_cmd, REPO
+
+
+def train_in_process(out_dir: Path, **extra):
+    cfg = load_config(None, tiny_overrides(out_dir, **extra))
+    return run(cfg, DistContext())
+
+
+def final_weights(out_dir: Path):
+    return ckpt.load_file(ckpt.checkpoint_dir(out_dir) / "last.pt")["model"]
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_run_writes_checkpoints_logs_and_tensorboard(tmp_path: Path):
+    result = train_in_process(tmp_path / "run", **{"train.epochs": 3})
+    assert result["epochs"] == 3 and 0 <= result["test_accuracy"] <= 1
+    directory = ckpt.checkpoint_dir(tmp_path / "run")
+    assert {"last.pt", "best.pt"} <= {p.name for p in directory.iterdir()}
+    assert len(ckpt.step_files(directory)) == 2  # keep_checkpoints=2 prunes the oldest
+    payload = ckpt.load_file(directory / "last.pt")
+    assert payload["train_state"]["epoch"] == 3 and payload["config"]["train"]["epochs"] == 3
+    log = (tmp_path / "run" / "training_log.md").read_text()
+    assert log.count("\n| 1 |") == 1 and log.count("\n| 3 |") == 1
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr",
+            "throughput/images_per_s"} <= scalars
+    assert len(events.Scalars("test/accuracy")) == 3
+    assert "train/augmented" in events.Tags()["images"]
+    assert (tmp_path / "run" / "tensorboard" / "hparams").is_dir()
+
+
+@pytest.mark.parametrize("stop_step, extra", [
+    (12, {}),                                       # at an epoch boundary (6 steps/epoch)
+    (8, {"train.checkpoint_every_steps": 4}),       # inside epoch 2
+])
+def test_interrupted_and_resumed_run_is_bitwise_equal(tmp_path: Path, stop_step, extra):
+    settings = {"train.epochs": 3, "data.fake_size": 96, "train.batch_size": 16, **extra}
+    train_in_process(tmp_path / "straight", **settings)
+    with pytest.raises(Preempted):
+        train_in_process(tmp_path / "split", **settings, **{"train.stop_after_steps": stop_step})
+    stopped = ckpt.load_file(ckpt.checkpoint_dir(tmp_path / "split") / "last.pt")
+    assert stopped["train_state"]["global_step"] == stop_step
+    result = train_in_process(tmp_path / "split", **settings, **{"train.resume": "auto"})
+    assert result["global_step"] == 18
+    assert_bitwise_equal(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
+
+
+def test_resume_with_ema_and_plain_last_epoch(tmp_path: Path):
+    settings = {"train.epochs": 3, "train.ema_decay": 0.9, "augment.plain_last_epochs": 1}
+    train_in_process(tmp_path / "a", **settings)
+    with pytest.raises(Preempted):
+        train_in_process(tmp_path / "b", **settings, **{"train.stop_after_steps": 6})
+    train_in_process(tmp_path / "b", **settings, **{"train.resume": "auto"})
+    a = ckpt.load_file(ckpt.checkpoint_dir(tmp_path / "a") / "last.pt")
+    b = ckpt.load_file(ckpt.checkpoint_dir(tmp_path / "b") / "last.pt")
+    assert_bitwise_equal(a["model"], b["model"])
+    assert_bitwise_equal(a["ema"], b["ema"])
+
+
+def test_evaluate_cli_matches_training_and_reads_test_only_folder(tmp_path: Path):
+    root = make_image_folder(tmp_path / "images", per_class=4)
+    out = tmp_path / "run"
+    result = train_in_process(out, **{"data.source": "folder", "data.root": str(root), "train.batch_size": 8})
+    checkpoint = ckpt.checkpoint_dir(out) / "last.pt"
+    done = run_job([sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(checkpoint), "--json"])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-9)
+    assert report["images"] == 40 and set(report["per_class_accuracy"]) >= {"cat", "truck"}
+    # A folder with only a test/ tree is enough: the statistics travel in the checkpoint.
+    test_only = make_image_folder(tmp_path / "only_test", per_class=2, splits=("test",), seed=5)
+    done = run_job([sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(checkpoint),
+                    f"data.root={test_only}"])
+    assert done.returncode == 0, done.stderr
+    assert "test images: 20" in done.stdout and "per class:" in done.stdout
+
+
+def test_evaluate_refuses_checkpoint_of_another_architecture(tmp_path: Path):
+    train_in_process(tmp_path / "run", **{"train.epochs": 1})
+    done = run_job([sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint",
+                    str(ckpt.checkpoint_dir(tmp_path / "run") / "last.pt"), "model.widths=[8,16,32]"])
+    assert done.returncode == 2
+    assert "different architecture" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_batch_larger_than_split_is_refused_before_training(tmp_path: Path):
+    with pytest.raises(UserError, match="larger than the 96 training images"):
+        train_in_process(tmp_path / "run", **{"train.batch_size": 200})
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_reports_bad_override_without_traceback(tmp_path: Path):
+    done = run_job(train_cmd("--config", "configs/smoke.yaml", "train.epoch=3", f"out_dir={tmp_path}"))
+    assert done.returncode == 2
+    assert "unknown config key 'train.epoch'" in done.stderr and "Traceback" not in done.stderr
