@@ -106,6 +106,9 @@ def save(directory: Path, payload: Dict[str, Any], global_step: int, keep: int, 
         _atomic_write(directory / "best.pt", data)
     for _, old in step_files(directory)[keep:]:
         old.unlink(missing_ok=True)
+    # Temporary files left by a save that was killed half-way are never read; clear them.
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     return step_path
 
 

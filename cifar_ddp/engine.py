@@ -161,9 +161,8 @@ def _finite_step(loss: torch.Tensor, model: nn.Module, state: TrainState,
         state.skipped_steps += 1
         return False
     raise NonFiniteLoss(
-        f"non-finite loss at step {state.global_step} (epoch {state.epoch + 1}); training stopped. "
-        "Lower train.lr, use train.precision=fp32, or set train.on_nonfinite=skip; resume from the "
-        "last good checkpoint with train.resume=auto"
+        f"non-finite loss at step {state.global_step + 1} (epoch {state.epoch + 1}); training stopped. "
+        "Lower train.lr, use train.precision=fp32, or set train.on_nonfinite=skip"
     )
 
 

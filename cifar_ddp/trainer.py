@@ -4,12 +4,13 @@ train_one_epoch and evaluate, with checkpoints and logs along the way."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from .data.loaders import AlbumentationsDataset, TrainBatches, eval_shard, _epoc
 from .data.sources import DatasetArrays, load_dataset
 from .data.transforms import BatchAugment
 from .distributed import DistContext
-from .engine import EvalResult, TrainState, evaluate, resolve_precision, train_one_epoch
+from .engine import EvalResult, NonFiniteLoss, TrainState, evaluate, resolve_precision, train_one_epoch
 from .errors import UserError
 from .loggers import SilentLogger, make_logger
 from .models import build_model
@@ -178,6 +179,7 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
 
     stop = StopSignal()
     last_eval: Optional[EvalResult] = None
+    last_saved: List[Path] = []
 
     def save(is_best: bool = False) -> None:
         """Collective: every rank contributes its RNG state, rank 0 writes."""
@@ -196,10 +198,12 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
                 "config": cfg.to_dict(),
                 **static,
             }
-            ckpt.save(ckpt.checkpoint_dir(out_dir), payload, state.global_step, t.keep_checkpoints, is_best)
+            last_saved[:] = [ckpt.save(ckpt.checkpoint_dir(out_dir), payload, state.global_step,
+                                       t.keep_checkpoints, is_best)]
         ctx.barrier()
 
     def on_step(st: TrainState, scalars: Dict[str, Any]) -> None:
+        _inject_test_fault(st.global_step, ctx.rank)
         if st.global_step % t.log_every_steps == 0:
             logger.step(st.global_step, {"train/step_loss": float(scalars["loss"].detach()), "lr": scalars["lr"]})
         if t.checkpoint_every_steps and st.global_step % t.checkpoint_every_steps == 0 \
@@ -230,8 +234,13 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
                 batches.sampler.set_epoch(epoch)
             stream = logger.progress(batches.iterate(start_step), total=batches.steps_per_epoch,
                                      desc=f"epoch {epoch + 1}/{t.epochs}", initial=start_step)
-            metrics = train_one_epoch(ddp_model, stream, optimizer, lr_for_step, state, t, ctx, precision,
-                                      scaler=scaler, ema=ema, on_step=on_step, should_stop=should_stop)
+            try:
+                metrics = train_one_epoch(ddp_model, stream, optimizer, lr_for_step, state, t, ctx, precision,
+                                          scaler=scaler, ema=ema, on_step=on_step, should_stop=should_stop)
+            except NonFiniteLoss as exc:
+                good = last_saved[0] if last_saved else resume_path
+                raise NonFiniteLoss(f"{exc}; last good checkpoint: {good or 'none yet'} "
+                                    "(continue from it with train.resume=auto)") from None
             if state.step_in_epoch < batches.steps_per_epoch:
                 save()
                 interrupt(_stop_reason(stop, t.stop_after_steps))
@@ -292,6 +301,17 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _inject_test_fault(global_step: int, rank: int) -> None:
+    """Fault injection for the recovery tests: CIFAR_DDP_TEST_SIGKILL="RANK:STEP" makes
+    that rank SIGKILL itself after that step, in the first attempt only. Unset in real runs."""
+    spec = os.environ.get("CIFAR_DDP_TEST_SIGKILL")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        return
+    kill_rank, kill_step = (int(v) for v in spec.split(":"))
+    if rank == kill_rank and global_step == kill_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _stop_reason(stop: StopSignal, stop_after_steps: int) -> str:
     if stop.received is not None:
         return f"stopped by {signal.Signals(stop.received).name}"
@@ -322,6 +342,9 @@ def _hparams(cfg: Config, ctx: DistContext) -> Dict[str, Any]:
 
 def _resume_source(cfg: Config) -> Optional[Path]:
     resume = cfg.train.resume
+    if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        # torchrun restarted the group after a worker died: pick up where it left off.
+        resume = "auto"
     if not resume:
         return None
     if resume == "auto":

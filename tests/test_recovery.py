@@ -1,0 +1,186 @@
+"""Faults: killed workers, preemption, interrupted saves, damaged checkpoints, NaN, bad input."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_ddp import checkpoint as ckpt
+from cifar_ddp.config import load_config
+from cifar_ddp.distributed import DistContext
+from cifar_ddp.engine import NonFiniteLoss
+from cifar_ddp.trainer import Preempted, run
+
+from conftest import (JOB_TIMEOUT_S, REPO, job_env, make_image_folder, run_job, tiny_overrides, torchrun,
+                      train_cmd)
+
+
+def weights(out_dir: Path):
+    return ckpt.load_file(ckpt.checkpoint_dir(out_dir) / "last.pt")["model"]
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes(tmp_path: Path):
+    # 161 images over 2 ranks, batch 16: 5 steps per epoch. Rank 1 dies after step 8;
+    # the newest checkpoint is step 6, inside epoch 2.
+    settings = {"data.fake_size": 161, "train.epochs": 3, "train.checkpoint_every_steps": 3,
+                "train.keep_checkpoints": 5}
+    straight = run_job(torchrun(2, tiny_overrides(tmp_path / "straight", **settings)))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    env = job_env({"CIFAR_DDP_TEST_SIGKILL": "1:8"})
+    restarted = run_job(torchrun(2, tiny_overrides(tmp_path / "killed", **settings), ["--max-restarts=1"]), env=env)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "resumed from" in restarted.stdout and "step-00000006.pt" in restarted.stdout
+    assert "SIGKILL" in restarted.stderr or "Signals.SIGKILL" in restarted.stderr or "-9" in restarted.stderr
+    # Same world size, per-rank RNG states restored, deterministic gloo reductions: equal bit for bit.
+    assert_bitwise_equal(weights(tmp_path / "straight"), weights(tmp_path / "killed"))
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, signum):
+    settings = {"data.fake_size": 512, "train.epochs": 4, "train.checkpoint_every_steps": 8}
+    straight = run_job(train_cmd(*tiny_overrides(tmp_path / "straight", **settings)))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "stopped"
+    process = subprocess.Popen(train_cmd(*tiny_overrides(out, **settings)), cwd=REPO, env=job_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ckpt.checkpoint_dir(out) / "step-00000008.pt", process)
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        process.kill()
+    assert process.returncode == 75, stderr[-3000:]
+    assert "continue with train.resume=auto" in stdout
+    stopped_at = ckpt.load_file(ckpt.checkpoint_dir(out) / "last.pt")["train_state"]["global_step"]
+    assert 8 <= stopped_at < 128
+
+    resumed = run_job(train_cmd("--resume", *tiny_overrides(out, **settings)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_bitwise_equal(weights(tmp_path / "straight"), weights(out))
+
+
+SAVE_THEN_DIE = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from cifar_ddp import checkpoint as ckpt
+directory = Path({directory!r})
+ckpt.save(directory, {{"value": torch.zeros(3)}}, 1, keep=2, is_best=False)
+real_fsync = os.fsync
+def die(fd):
+    os._exit(9)   # the process is killed after writing the bytes, before the rename
+os.fsync = die
+ckpt.save(directory, {{"value": torch.ones(3)}}, 2, keep=2, is_best=False)
+"""
+
+
+def test_save_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_path: Path):
+    directory = tmp_path / "checkpoints"
+    done = subprocess.run([sys.executable, "-c", SAVE_THEN_DIE.format(repo=str(REPO), directory=str(directory))],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 9
+    assert list(directory.glob(".*.tmp")), "the killed save left its temporary file"
+    assert torch.equal(ckpt.load_file(directory / "last.pt")["value"], torch.zeros(3))
+    assert [step for step, _ in ckpt.step_files(directory)] == [1]
+    # The next save clears the leftover.
+    ckpt.save(directory, {"value": torch.full((3,), 2.0)}, 3, keep=2, is_best=False)
+    assert not list(directory.glob(".*.tmp"))
+
+
+def train_in_process(out_dir: Path, **extra):
+    return run(load_config(None, tiny_overrides(out_dir, **extra)), DistContext())
+
+
+def test_truncated_newest_checkpoint_falls_back_with_warning(tmp_path: Path):
+    out = tmp_path / "run"
+    with pytest.raises(Preempted):
+        train_in_process(out, **{"train.epochs": 3, "train.stop_after_steps": 12, "train.keep_checkpoints": 3})
+    directory = ckpt.checkpoint_dir(out)
+    assert [s for s, _ in ckpt.step_files(directory)] == [12, 6]
+    newest = directory / "step-00000012.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
+        ckpt.load_file(newest)
+    with pytest.warns(UserWarning, match="step-00000012.pt.*falling back to.*step-00000006.pt"):
+        result = train_in_process(out, **{"train.epochs": 3, "train.resume": "auto", "train.keep_checkpoints": 3})
+    assert result["global_step"] == 18 and result["epochs"] == 3
+
+
+def test_explicit_damaged_checkpoint_is_refused_with_message(tmp_path: Path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    done = run_job(train_cmd(*tiny_overrides(tmp_path / "run", **{"train.resume": str(bad)})))
+    assert done.returncode == 2 and "is not a cifar_ddp checkpoint" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def nan_at_step_3(monkeypatch):
+    import cifar_ddp.engine as engine
+
+    real = engine.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(engine.F, "cross_entropy", poisoned)
+
+
+def test_nan_loss_stops_with_step_and_advice(tmp_path: Path, nan_at_step_3):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 3 .*last good checkpoint: none yet"):
+        train_in_process(tmp_path / "run")
+
+
+def test_nan_loss_is_skipped_when_asked(tmp_path: Path, nan_at_step_3):
+    result = train_in_process(tmp_path / "run", **{"train.on_nonfinite": "skip"})
+    state = ckpt.load_file(ckpt.checkpoint_dir(tmp_path / "run") / "last.pt")["train_state"]
+    assert state["skipped_steps"] == 1 and result["epochs"] == 2
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "run").values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.source=folder", "data.root=/no/such/dir"], "data.root '/no/such/dir' does not exist"),
+    (["train.epochs=0"], "train.epochs is 0"),
+    (["train.batch_size=500"], "larger than the 96 training images"),
+    (["train.precision=fp16"], "fp16 needs a CUDA GPU"),
+])
+def test_bad_input_stops_before_any_output(tmp_path: Path, overrides, message):
+    out = tmp_path / "run"
+    argv = tiny_overrides(out)
+    done = run_job(train_cmd(*argv, *overrides))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists(), "a failed start must not leave an output folder that looks like a result"
+
+
+def test_corrupt_image_stops_naming_the_file(tmp_path: Path):
+    root = make_image_folder(tmp_path / "images")
+    bad = root / "train" / "frog" / "0001.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    done = run_job(train_cmd(*tiny_overrides(tmp_path / "run"), "data.source=folder", f"data.root={root}"))
+    assert done.returncode == 2 and "0001.png" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
