@@ -7,7 +7,6 @@ import hashlib
 import os
 import random
 import signal
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -28,11 +27,6 @@ from .errors import UserError
 from .loggers import SilentLogger, make_logger
 from .models import build_model
 from .optim import build_optimizer, lr_at, peak_lr
-
-# Exit status of a run stopped by SIGTERM/SIGINT after saving a checkpoint:
-# EX_TEMPFAIL, "try again later" - a scheduler can requeue it with train.resume=auto.
-EXIT_RESUMABLE = 75
-
 
 class Preempted(Exception):
     """Raised after a checkpoint was written in response to SIGTERM/SIGINT."""
@@ -388,4 +382,4 @@ def _resume(path: Path, cfg: Config, ctx: DistContext, model: nn.Module, ema: Op
     # At an epoch boundary set_epoch re-derives every random stream from (seed, rank, epoch).
 
 
-__all__ = ["run", "EXIT_RESUMABLE", "Preempted"]
+__all__ = ["run", "Preempted", "build_training_model", "class_names"]

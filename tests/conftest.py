@@ -80,3 +80,26 @@ def tiny_overrides(out_dir: Path, **extra: object) -> List[str]:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+def train_in_process(out_dir: Path, **extra: object):
+    """A tiny single-process run inside the test process (no interpreter start-up)."""
+    from cifar_ddp.config import load_config
+    from cifar_ddp.distributed import DistContext
+    from cifar_ddp.trainer import run
+
+    return run(load_config(None, tiny_overrides(out_dir, **extra)), DistContext())
+
+
+def final_weights(out_dir: Path):
+    from cifar_ddp import checkpoint as ckpt
+
+    return ckpt.load_file(ckpt.checkpoint_dir(out_dir) / "last.pt")["model"]
+
+
+def assert_bitwise_equal(a, b) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

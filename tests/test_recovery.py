@@ -10,23 +10,11 @@ import pytest
 import torch
 
 from cifar_ddp import checkpoint as ckpt
-from cifar_ddp.config import load_config
-from cifar_ddp.distributed import DistContext
 from cifar_ddp.engine import NonFiniteLoss
-from cifar_ddp.trainer import Preempted, run
+from cifar_ddp.trainer import Preempted
 
-from conftest import (JOB_TIMEOUT_S, REPO, job_env, make_image_folder, run_job, tiny_overrides, torchrun,
-                      train_cmd)
-
-
-def weights(out_dir: Path):
-    return ckpt.load_file(ckpt.checkpoint_dir(out_dir) / "last.pt")["model"]
-
-
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+from conftest import (JOB_TIMEOUT_S, REPO, assert_bitwise_equal, final_weights, job_env, make_image_folder,
+                      run_job, tiny_overrides, torchrun, train_cmd, train_in_process)
 
 
 @pytest.mark.slow
@@ -44,7 +32,7 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes(tmp_path: Path):
     assert "resumed from" in restarted.stdout and "step-00000006.pt" in restarted.stdout
     assert "SIGKILL" in restarted.stderr or "Signals.SIGKILL" in restarted.stderr or "-9" in restarted.stderr
     # Same world size, per-rank RNG states restored, deterministic gloo reductions: equal bit for bit.
-    assert_bitwise_equal(weights(tmp_path / "straight"), weights(tmp_path / "killed"))
+    assert_bitwise_equal(final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed"))
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = JOB_TIMEOUT_S) -> None:
@@ -77,7 +65,7 @@ def test_signal_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path: Pat
 
     resumed = run_job(train_cmd("--resume", *tiny_overrides(out, **settings)))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_bitwise_equal(weights(tmp_path / "straight"), weights(out))
+    assert_bitwise_equal(final_weights(tmp_path / "straight"), final_weights(out))
 
 
 SAVE_THEN_DIE = """
@@ -106,10 +94,6 @@ def test_save_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_path: Pat
     # The next save clears the leftover.
     ckpt.save(directory, {"value": torch.full((3,), 2.0)}, 3, keep=2, is_best=False)
     assert not list(directory.glob(".*.tmp"))
-
-
-def train_in_process(out_dir: Path, **extra):
-    return run(load_config(None, tiny_overrides(out_dir, **extra)), DistContext())
 
 
 def test_truncated_newest_checkpoint_falls_back_with_warning(tmp_path: Path):
@@ -159,7 +143,7 @@ def test_nan_loss_is_skipped_when_asked(tmp_path: Path, nan_at_step_3):
     result = train_in_process(tmp_path / "run", **{"train.on_nonfinite": "skip"})
     state = ckpt.load_file(ckpt.checkpoint_dir(tmp_path / "run") / "last.pt")["train_state"]
     assert state["skipped_steps"] == 1 and result["epochs"] == 2
-    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "run").values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "run").values() if t.is_floating_point())
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -5,30 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from cifar_ddp import checkpoint as ckpt
-from cifar_ddp.config import load_config
-from cifar_ddp.distributed import DistContext
 from cifar_ddp.errors import UserError
-from cifar_ddp.trainer import Preempted, run
+from cifar_ddp.trainer import Preempted
 
-from conftest import make_image_folder, run_job, tiny_overrides, train_cmd, REPO
-
-
-def train_in_process(out_dir: Path, **extra):
-    cfg = load_config(None, tiny_overrides(out_dir, **extra))
-    return run(cfg, DistContext())
-
-
-def final_weights(out_dir: Path):
-    return ckpt.load_file(ckpt.checkpoint_dir(out_dir) / "last.pt")["model"]
-
-
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+from conftest import (REPO, assert_bitwise_equal, final_weights, make_image_folder, run_job, train_cmd,
+                      train_in_process)
 
 
 def test_run_writes_checkpoints_logs_and_tensorboard(tmp_path: Path):
