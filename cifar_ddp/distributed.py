@@ -124,4 +124,10 @@ def shutdown(ctx: DistContext) -> None:
     # Without an explicit destroy, a gloo rank sometimes aborts at interpreter exit
     # ("terminate called without an active exception").
     if ctx.is_distributed and dist.is_initialized():
+        # Leave together: a rank tearing down while its peer still talks to it is what
+        # leaves gloo threads running into interpreter exit.
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass  # a peer already died; nothing left to wait for
         dist.destroy_process_group()
