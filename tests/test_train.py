@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifar_ddp import checkpoint as ckpt
 from cifar_ddp.errors import UserError
@@ -100,3 +101,22 @@ def test_cli_reports_bad_override_without_traceback(tmp_path: Path):
     done = run_job(train_cmd("--config", "configs/smoke.yaml", "train.epoch=3", f"out_dir={tmp_path}"))
     assert done.returncode == 2
     assert "unknown config key 'train.epoch'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ema_decay_warms_up_then_holds():
+    from cifar_ddp.trainer import _make_ema
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = _make_ema(model, decay=0.999)
+    expected = model[0].weight.detach().clone()
+    for n in range(1, 200):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        ema.update_parameters(model)
+        # The first update copies; update n >= 1 keeps min(decay, (1+n)/(10+n)) of the average.
+        keep = min(0.999, (1 + (n - 1)) / (10 + (n - 1))) if n > 1 else 0.0
+        expected = keep * expected + (1 - keep) * model[0].weight.detach()
+    assert torch.allclose(ema.module[0].weight, expected, atol=1e-4)
+    # Early on the average stays close to the current weights instead of the initial ones.
+    assert (model[0].weight - ema.module[0].weight).abs().max() < 25
+    assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked
