@@ -89,7 +89,7 @@ class MainLogger(SilentLogger):
     def epoch(self, epoch: int, total_epochs: int, row: Dict[str, Any]) -> None:
         step = row["global_step"]
         for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr",
-                     "throughput/images_per_s", "test/accuracy_tta"):
+                     "throughput/images_per_s", "test/accuracy_tta", "skipped_steps", "scaler_skipped_steps"):
             if name in row:
                 self.writer.add_scalar(name, row[name], step)
         self.writer.flush()

@@ -273,8 +273,11 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
                                                     num_classes, tta_flip=True,
                                                     channels_last=t.channels_last).accuracy
             if state.scaler_skipped_steps or state.skipped_steps:
+                # Logged, not raised: fp16 loss-scale backoffs are routine.
                 row["skipped_steps"] = state.skipped_steps
                 row["scaler_skipped_steps"] = state.scaler_skipped_steps
+                logger.message(f"skipped steps so far: {state.skipped_steps} non-finite, "
+                               f"{state.scaler_skipped_steps} by the fp16 GradScaler")
             is_best = last_eval.accuracy > state.best_accuracy
             state.best_accuracy = max(state.best_accuracy, last_eval.accuracy)
             state.history.append({k: v for k, v in row.items()} | {"epoch": state.epoch})
