@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data.loaders import AlbumentationsDataset, TrainBatches, eval_shard, _epoch_seed
+from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_shard
 from .data.sources import DatasetArrays, load_dataset
 from .data.transforms import BatchAugment
 from .distributed import DistContext
@@ -234,12 +234,10 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
             epoch = state.epoch
             augment = epoch < t.epochs - cfg.augment.plain_last_epochs
             start_step = state.step_in_epoch
+            # Inside an epoch the random streams were restored from the checkpoint.
+            batches.set_epoch(epoch, augment=augment, reseed=start_step == 0)
             if start_step == 0:
-                batches.set_epoch(epoch, augment=augment)
-                torch.manual_seed(_epoch_seed(cfg.seed, ctx.rank, epoch) + 1)
-            else:
-                batches.epoch, batches.augment_enabled = epoch, augment
-                batches.sampler.set_epoch(epoch)
+                torch.manual_seed(epoch_seed(cfg.seed, ctx.rank, epoch) + 1)
             stream = logger.progress(batches.iterate(start_step), total=batches.steps_per_epoch,
                                      desc=f"epoch {epoch + 1}/{t.epochs}", initial=start_step)
             try:

@@ -25,7 +25,7 @@ from .transforms import BatchAugment, albumentations_train, normalize_batch
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
-def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     # Distinct, well-spread seeds per (seed, rank, epoch); fits a 63-bit generator seed.
     return (seed * 1_000_003 + rank * 10_007 + epoch * 101) % (2**63 - 1)
 
@@ -57,11 +57,14 @@ class TrainBatches:
         else:
             self.generator = torch.Generator()
 
-    def set_epoch(self, epoch: int, augment: bool = True) -> None:
+    def set_epoch(self, epoch: int, augment: bool = True, reseed: bool = True) -> None:
+        """Select the epoch's shuffle. `reseed=False` keeps the augmentation generator
+        as it is: a run resumed inside an epoch has just restored its saved state."""
         self.epoch = epoch
         self.augment_enabled = augment
         self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(_epoch_seed(self.seed, self.rank, epoch))
+        if reseed:
+            self.generator.manual_seed(epoch_seed(self.seed, self.rank, epoch))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
@@ -148,9 +151,4 @@ def eval_batches(shard: ImageSplit, stats: ChannelStats, batch_size: int,
         yield (x.flip(3) if flip else x), labels[start:start + batch_size].to(device)
 
 
-def train_steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
-    per_rank = -(-num_images // world_size)
-    return per_rank // batch_size
-
-
-__all__ = ["TrainBatches", "AlbumentationsDataset", "eval_shard", "eval_batches", "train_steps_per_epoch"]
+__all__ = ["TrainBatches", "AlbumentationsDataset", "eval_shard", "eval_batches"]
