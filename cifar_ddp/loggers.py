@@ -29,10 +29,13 @@ class SilentLogger:
 class MainLogger(SilentLogger):
     """TensorBoard events + training_log.md + console, under out_dir."""
 
-    def __init__(self, out_dir: Path, progress_bar: bool = True) -> None:
+    def __init__(self, out_dir: Path, progress_bar: bool = True, eval_split: str = "test") -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.out_dir = out_dir
+        # "val" when data.val_size carves the evaluation images out of the training split:
+        # a recipe tuned on those must not be reported as a test figure.
+        self.eval_split = eval_split
         out_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
         self.markdown = out_dir / "training_log.md"
@@ -54,7 +57,8 @@ class MainLogger(SilentLogger):
             self.markdown.write_text(
                 "# Training log\n\n"
                 + "".join(f"- {k}: {v}\n" for k, v in info.items())
-                + "\n| epoch | lr | train loss | train acc | test loss | test acc | time (s) | images/s |\n"
+                + f"\n| epoch | lr | train loss | train acc | {self.eval_split} loss | {self.eval_split} acc "
+                "| time (s) | images/s |\n"
                 "|---:|---:|---:|---:|---:|---:|---:|---:|\n"
             )
 
@@ -91,7 +95,7 @@ class MainLogger(SilentLogger):
         for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr",
                      "throughput/images_per_s", "test/accuracy_tta", "skipped_steps", "scaler_skipped_steps"):
             if name in row:
-                self.writer.add_scalar(name, row[name], step)
+                self.writer.add_scalar(self._tag(name), row[name], step)
         self.writer.flush()
         with self.markdown.open("a") as f:
             f.write(
@@ -102,10 +106,13 @@ class MainLogger(SilentLogger):
         tta = f" (flip-TTA {100 * row['test/accuracy_tta']:.2f}%)" if "test/accuracy_tta" in row else ""
         self.message(
             f"epoch {epoch}/{total_epochs}  lr {row['lr']:.4g}  train loss {row['train/loss']:.4f} "
-            f"acc {100 * row['train/accuracy']:.2f}%  test loss {row['test/loss']:.4f} "
+            f"acc {100 * row['train/accuracy']:.2f}%  {self.eval_split} loss {row['test/loss']:.4f} "
             f"acc {100 * row['test/accuracy']:.2f}%{tta}  {row['epoch_seconds']:.1f}s "
             f"{row['throughput/images_per_s']:.0f} img/s"
         )
+
+    def _tag(self, name: str) -> str:
+        return self.eval_split + name[len("test"):] if name.startswith("test/") else name
 
     def finish(self, hparams: Dict[str, Any], final: Dict[str, float]) -> None:
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
@@ -116,8 +123,8 @@ class MainLogger(SilentLogger):
             f.write("\n" + "".join(f"- final {k}: {v:.4f}\n" for k, v in final.items()))
 
 
-def make_logger(is_main: bool, out_dir: Path, progress_bar: bool = True) -> SilentLogger:
-    return MainLogger(out_dir, progress_bar) if is_main else SilentLogger()
+def make_logger(is_main: bool, out_dir: Path, progress_bar: bool = True, eval_split: str = "test") -> SilentLogger:
+    return MainLogger(out_dir, progress_bar, eval_split) if is_main else SilentLogger()
 
 
 __all__ = ["SilentLogger", "MainLogger", "make_logger"]

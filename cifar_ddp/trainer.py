@@ -71,6 +71,10 @@ def load_data(cfg: Config, ctx: DistContext) -> DatasetArrays:
     return arrays
 
 
+def eval_split(cfg: Config) -> str:
+    return "val" if cfg.data.val_size else "test"
+
+
 def class_names(cfg: Config):
     from .config import CIFAR10_CLASSES
 
@@ -168,12 +172,12 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
         ddp_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
     if logger is None:
-        logger = make_logger(ctx.is_main, out_dir, t.progress_bar)
+        logger = make_logger(ctx.is_main, out_dir, t.progress_bar, eval_split=eval_split(cfg))
     info = {
         "world size": ctx.world_size, "device": str(ctx.device), "backend": ctx.backend or "none",
         "precision": precision, "global batch": global_batch, "peak lr": round(peak, 5),
         "steps/epoch": batches.steps_per_epoch, "train images": len(data.train),
-        "test images": len(data.test), "params": sum(p.numel() for p in model.parameters()),
+        f"{eval_split(cfg)} images": len(data.test), "params": sum(p.numel() for p in model.parameters()),
         "augment": cfg.augment.backend,
     }
     logger.start(cfg.to_dict(), info)

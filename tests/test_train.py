@@ -37,6 +37,20 @@ def test_run_writes_checkpoints_logs_and_tensorboard(tmp_path: Path):
     assert (tmp_path / "run" / "tensorboard" / "hparams").is_dir()
 
 
+def test_validation_run_is_labelled_val_not_test(tmp_path: Path, capsys):
+    train_in_process(tmp_path / "run", **{"data.val_size": 32, "train.epochs": 1})
+    out = capsys.readouterr().out
+    assert "val images: 32" in out and "val loss" in out and "test loss" not in out
+    log = (tmp_path / "run" / "training_log.md").read_text()
+    assert "| val acc |" in log and "test acc" not in log
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert "val/accuracy" in scalars and not any(tag.startswith("test/") for tag in scalars)
+
+
 @pytest.mark.parametrize("stop_step, extra", [
     (12, {}),                                       # at an epoch boundary (6 steps/epoch)
     (8, {"train.checkpoint_every_steps": 4}),       # inside epoch 2
