@@ -181,7 +181,7 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
         "augment": cfg.augment.backend,
     }
     logger.start(cfg.to_dict(), info)
-    if state.global_step == 0:
+    if state.global_step == 0 and ctx.is_main:
         logger.images("train/augmented", _preview(data, cfg), 0)
     if resume_path is not None:
         logger.message(f"resumed from {resume_path} at epoch {state.epoch + 1}, step {state.step_in_epoch} of it")
