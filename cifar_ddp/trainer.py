@@ -129,180 +129,217 @@ def _restore_rank_rng_state(state: Dict[str, Any], batches: TrainBatches, device
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> Dict[str, Any]:
-    """Train as `cfg` says; returns the final metrics (on every rank)."""
-    out_dir = Path(cfg.out_dir)
-    t = cfg.train
-    precision = resolve_precision(t.precision, ctx.device)
-    seed_everything(cfg.seed)
-    if ctx.device.type == "cuda":
-        # Fixed input shapes: let cuDNN pick the fastest kernels once.
-        torch.backends.cudnn.benchmark = True
+class Trainer:
+    """One training run. Construction builds data, model, optimizer and logger and
+    resumes if asked; `fit()` runs the epochs. Every method is called on every rank
+    (collectives inside); only the logger and checkpoint writes are rank-0 side effects."""
 
-    data = load_data(cfg, ctx)
-    assert data.train is not None
-    num_classes = cfg.model.num_classes
-    batches = TrainBatches(data.train, cfg.augment, data.stats, t.batch_size, ctx.rank, ctx.world_size,
-                           cfg.seed, ctx.device, num_workers=cfg.data.num_workers)
-    if batches.steps_per_epoch == 0:
-        per_rank = len(batches.sampler)
-        raise UserError(
-            f"train.batch_size={t.batch_size} is larger than the {per_rank} training images each of the "
-            f"{ctx.world_size} process(es) gets; lower train.batch_size or use fewer processes"
-        )
-    test_shard = eval_shard(data.test, ctx.rank, ctx.world_size)
+    def __init__(self, cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> None:
+        self.cfg, self.ctx, self.t = cfg, ctx, cfg.train
+        t = self.t
+        self.out_dir = Path(cfg.out_dir)
+        self.precision = resolve_precision(t.precision, ctx.device)
+        seed_everything(cfg.seed)
+        if ctx.device.type == "cuda":
+            # Fixed input shapes: let cuDNN pick the fastest kernels once.
+            torch.backends.cudnn.benchmark = True
 
-    model = build_training_model(cfg, ctx)
-    ema = _make_ema(model, t.ema_decay)
-    global_batch = t.batch_size * ctx.world_size
-    peak = peak_lr(t, global_batch)
-    optimizer = build_optimizer(model, t, peak)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    total_steps = t.epochs * batches.steps_per_epoch
-    state = TrainState()
+        self.data = data = load_data(cfg, ctx)
+        assert data.train is not None
+        self.batches = batches = TrainBatches(data.train, cfg.augment, data.stats, t.batch_size, ctx.rank,
+                                              ctx.world_size, cfg.seed, ctx.device,
+                                              num_workers=cfg.data.num_workers)
+        if batches.steps_per_epoch == 0:
+            per_rank = len(batches.sampler)
+            raise UserError(
+                f"train.batch_size={t.batch_size} is larger than the {per_rank} training images each of the "
+                f"{ctx.world_size} process(es) gets; lower train.batch_size or use fewer processes"
+            )
+        self.test_shard = eval_shard(data.test, ctx.rank, ctx.world_size)
 
-    resume_path = _resume_source(cfg)
-    if resume_path is not None:
-        _resume(resume_path, cfg, ctx, model, ema, optimizer, scaler, state, batches)
-    # Stats and classes travel with every checkpoint so evaluation needs no training data.
-    static = {"stats": asdict(data.stats), "classes": list(data.classes)}
+        self.model = model = build_training_model(cfg, ctx)
+        self.ema = _make_ema(model, t.ema_decay)
+        self.global_batch = t.batch_size * ctx.world_size
+        self.peak = peak_lr(t, self.global_batch)
+        self.optimizer = build_optimizer(model, t, self.peak)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.state = TrainState()
+        self.total_steps = t.epochs * batches.steps_per_epoch
 
-    ddp_model: nn.Module = model
-    if ctx.is_distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        self.resume_path = _resume_source(cfg)
+        if self.resume_path is not None:
+            _resume(self.resume_path, cfg, ctx, model, self.ema, self.optimizer, self.scaler, self.state, batches)
+        # Stats and classes travel with every checkpoint so evaluation needs no training data.
+        self.static = {"stats": asdict(data.stats), "classes": list(data.classes)}
 
-    if logger is None:
-        logger = make_logger(ctx.is_main, out_dir, t.progress_bar, eval_split=eval_split(cfg))
-    info = {
-        "world size": ctx.world_size, "device": str(ctx.device), "backend": ctx.backend or "none",
-        "precision": precision, "global batch": global_batch, "peak lr": round(peak, 5),
-        "steps/epoch": batches.steps_per_epoch, "train images": len(data.train),
-        f"{eval_split(cfg)} images": len(data.test), "params": sum(p.numel() for p in model.parameters()),
-        "augment": cfg.augment.backend,
-    }
-    logger.start(cfg.to_dict(), info)
-    if state.global_step == 0 and ctx.is_main:
-        logger.images("train/augmented", _preview(data, cfg), 0)
-    if resume_path is not None:
-        logger.message(f"resumed from {resume_path} at epoch {state.epoch + 1}, step {state.step_in_epoch} of it")
+        self.ddp_model: nn.Module = model
+        if ctx.is_distributed:
+            self.ddp_model = DistributedDataParallel(
+                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    def lr_for_step(step: int) -> float:
-        return lr_at(step / max(total_steps, 1), t, peak)
+        self.logger = logger if logger is not None else make_logger(
+            ctx.is_main, self.out_dir, t.progress_bar, eval_split=eval_split(cfg))
+        self.stop = StopSignal()
+        self.last_eval: Optional[EvalResult] = None
+        self.last_saved: List[Path] = []
 
-    stop = StopSignal()
-    last_eval: Optional[EvalResult] = None
-    last_saved: List[Path] = []
+    def _announce(self) -> None:
+        cfg, ctx, data, state = self.cfg, self.ctx, self.data, self.state
+        info = {
+            "world size": ctx.world_size, "device": str(ctx.device), "backend": ctx.backend or "none",
+            "precision": self.precision, "global batch": self.global_batch, "peak lr": round(self.peak, 5),
+            "steps/epoch": self.batches.steps_per_epoch, "train images": len(data.train),
+            f"{eval_split(cfg)} images": len(data.test),
+            "params": sum(p.numel() for p in self.model.parameters()), "augment": cfg.augment.backend,
+        }
+        self.logger.start(cfg.to_dict(), info)
+        if state.global_step == 0 and ctx.is_main:
+            self.logger.images("train/augmented", _preview(data, cfg), 0)
+        if self.resume_path is not None:
+            self.logger.message(f"resumed from {self.resume_path} at epoch {state.epoch + 1}, "
+                                f"step {state.step_in_epoch} of it")
 
-    def save(is_best: bool = False) -> None:
+    def lr_for_step(self, step: int) -> float:
+        return lr_at(step / max(self.total_steps, 1), self.t, self.peak)
+
+    def save(self, is_best: bool = False) -> None:
         """Collective: every rank contributes its RNG state, rank 0 writes."""
-        rank_states = ctx.gather_objects(_rank_rng_state(batches, ctx.device))
+        ctx = self.ctx
+        rank_states = ctx.gather_objects(_rank_rng_state(self.batches, ctx.device))
         if ctx.is_main:
             payload = {
-                "model": model.state_dict(),
-                "architecture": ckpt.architecture_signature(model.state_dict()),
-                "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "train_state": asdict(state),
+                "model": self.model.state_dict(),
+                "architecture": ckpt.architecture_signature(self.model.state_dict()),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "train_state": asdict(self.state),
                 "rank_rng": rank_states,
                 "world_size": ctx.world_size,
-                "global_batch": global_batch,
-                "config": cfg.to_dict(),
-                **static,
+                "global_batch": self.global_batch,
+                "config": self.cfg.to_dict(),
+                **self.static,
             }
-            last_saved[:] = [ckpt.save(ckpt.checkpoint_dir(out_dir), payload, state.global_step,
-                                       t.keep_checkpoints, is_best)]
+            self.last_saved[:] = [ckpt.save(ckpt.checkpoint_dir(self.out_dir), payload, self.state.global_step,
+                                            self.t.keep_checkpoints, is_best)]
         ctx.barrier()
 
-    def on_step(st: TrainState, scalars: Dict[str, Any]) -> None:
-        _inject_test_fault(st.global_step, ctx.rank)
+    def _on_step(self, st: TrainState, scalars: Dict[str, Any]) -> None:
+        t = self.t
+        _inject_test_fault(st.global_step, self.ctx.rank)
         if st.global_step % t.log_every_steps == 0:
-            logger.step(st.global_step, {"train/step_loss": float(scalars["loss"].detach()), "lr": scalars["lr"]})
+            self.logger.step(st.global_step, {"train/step_loss": float(scalars["loss"].detach()),
+                                              "lr": scalars["lr"]})
         if t.checkpoint_every_steps and st.global_step % t.checkpoint_every_steps == 0 \
-                and st.step_in_epoch < batches.steps_per_epoch:
-            save()
+                and st.step_in_epoch < self.batches.steps_per_epoch:
+            self.save()
 
-    def should_stop() -> bool:
-        if t.stop_after_steps and state.global_step >= t.stop_after_steps:
+    def _should_stop(self) -> bool:
+        t = self.t
+        if t.stop_after_steps and self.state.global_step >= t.stop_after_steps:
             return True  # the same on every rank: no need to ask the others
-        flag = torch.tensor(1 if stop.received is not None else 0, device=ctx.device)
-        return bool(ctx.max(flag))
+        flag = torch.tensor(1 if self.stop.received is not None else 0, device=self.ctx.device)
+        return bool(self.ctx.max(flag))
 
-    def interrupt(reason: str) -> None:
-        logger.message(f"{reason} at step {state.global_step}; checkpoint in {ckpt.checkpoint_dir(out_dir)}; "
-                       "continue with train.resume=auto")
+    def _interrupt(self) -> None:
+        reason = _stop_reason(self.stop, self.t.stop_after_steps)
+        self.logger.message(f"{reason} at step {self.state.global_step}; checkpoint in "
+                            f"{ckpt.checkpoint_dir(self.out_dir)}; continue with train.resume=auto")
         raise Preempted()
 
-    with stop:
-        while state.epoch < t.epochs:
-            epoch = state.epoch
-            augment = epoch < t.epochs - cfg.augment.plain_last_epochs
-            start_step = state.step_in_epoch
-            # Inside an epoch the random streams were restored from the checkpoint.
-            batches.set_epoch(epoch, augment=augment, reseed=start_step == 0)
-            if start_step == 0:
-                torch.manual_seed(epoch_seed(cfg.seed, ctx.rank, epoch) + 1)
-            stream = logger.progress(batches.iterate(start_step), total=batches.steps_per_epoch,
-                                     desc=f"epoch {epoch + 1}/{t.epochs}", initial=start_step)
-            try:
-                metrics = train_one_epoch(ddp_model, stream, optimizer, lr_for_step, state, t, ctx, precision,
-                                          scaler=scaler, ema=ema, on_step=on_step, should_stop=should_stop)
-            except NonFiniteLoss as exc:
-                good = last_saved[0] if last_saved else resume_path
-                raise NonFiniteLoss(f"{exc}; last good checkpoint: {good or 'none yet'} "
-                                    "(continue from it with train.resume=auto)") from None
-            if state.step_in_epoch < batches.steps_per_epoch:
-                save()
-                interrupt(_stop_reason(stop, t.stop_after_steps))
-            state.epoch += 1
-            state.step_in_epoch = 0
-            ctx.average_buffers(model)
-            if ema is not None:
-                ctx.average_buffers(ema)
-            eval_model = ema.module if ema is not None else model
-            last_eval = evaluate(eval_model, test_shard, data.stats, ctx, precision, num_classes,
-                                 channels_last=t.channels_last)
-            row = {
-                "global_step": state.global_step,
-                "lr": lr_for_step(state.global_step - 1),
-                "train/loss": metrics.loss, "train/accuracy": metrics.accuracy,
-                "test/loss": last_eval.loss, "test/accuracy": last_eval.accuracy,
-                "epoch_seconds": metrics.seconds,
-                "throughput/images_per_s": metrics.images_per_second,
-            }
-            if t.tta_flip:
-                row["test/accuracy_tta"] = evaluate(eval_model, test_shard, data.stats, ctx, precision,
-                                                    num_classes, tta_flip=True,
-                                                    channels_last=t.channels_last).accuracy
-            if state.scaler_skipped_steps or state.skipped_steps:
-                # Logged, not raised: fp16 loss-scale backoffs are routine.
-                row["skipped_steps"] = state.skipped_steps
-                row["scaler_skipped_steps"] = state.scaler_skipped_steps
-                logger.message(f"skipped steps so far: {state.skipped_steps} non-finite, "
-                               f"{state.scaler_skipped_steps} by the fp16 GradScaler")
-            is_best = last_eval.accuracy > state.best_accuracy
-            state.best_accuracy = max(state.best_accuracy, last_eval.accuracy)
-            state.history.append({k: v for k, v in row.items()} | {"epoch": state.epoch})
-            logger.epoch(state.epoch, t.epochs, row)
-            save(is_best=is_best)
-            if state.epoch < t.epochs and should_stop():
-                interrupt(_stop_reason(stop, t.stop_after_steps))
+    def _train_epoch(self):
+        t, state, batches = self.t, self.state, self.batches
+        epoch = state.epoch
+        augment = epoch < t.epochs - self.cfg.augment.plain_last_epochs
+        start_step = state.step_in_epoch
+        # Inside an epoch the random streams were restored from the checkpoint.
+        batches.set_epoch(epoch, augment=augment, reseed=start_step == 0)
+        if start_step == 0:
+            torch.manual_seed(epoch_seed(self.cfg.seed, self.ctx.rank, epoch) + 1)
+        stream = self.logger.progress(batches.iterate(start_step), total=batches.steps_per_epoch,
+                                      desc=f"epoch {epoch + 1}/{t.epochs}", initial=start_step)
+        try:
+            return train_one_epoch(self.ddp_model, stream, self.optimizer, self.lr_for_step, state, t, self.ctx,
+                                   self.precision, scaler=self.scaler, ema=self.ema, on_step=self._on_step,
+                                   should_stop=self._should_stop)
+        except NonFiniteLoss as exc:
+            good = self.last_saved[0] if self.last_saved else self.resume_path
+            raise NonFiniteLoss(f"{exc}; last good checkpoint: {good or 'none yet'} "
+                                "(continue from it with train.resume=auto)") from None
 
-    assert last_eval is not None or state.history
-    final = {
-        "test_accuracy": state.history[-1]["test/accuracy"],
-        "test_loss": state.history[-1]["test/loss"],
-        "best_test_accuracy": state.best_accuracy,
-        "train_accuracy": state.history[-1]["train/accuracy"],
-    }
-    if "test/accuracy_tta" in state.history[-1]:
-        final["test_accuracy_tta"] = state.history[-1]["test/accuracy_tta"]
-    logger.finish(_hparams(cfg, ctx), final)
-    # DDP keeps replicas identical by construction; the digests let anyone check it.
-    digests = ctx.gather_objects(weights_digest(model))
-    return {**final, "epochs": state.epoch, "global_step": state.global_step, "world_size": ctx.world_size,
-            "replica_digests": digests,
-            "per_class_accuracy": last_eval.per_class_accuracy if last_eval else None}
+    def _evaluate(self, metrics) -> Dict[str, Any]:
+        t, ctx, state = self.t, self.ctx, self.state
+        ctx.average_buffers(self.model)
+        if self.ema is not None:
+            ctx.average_buffers(self.ema)
+        eval_model = self.ema.module if self.ema is not None else self.model
+        num_classes = self.cfg.model.num_classes
+        self.last_eval = evaluate(eval_model, self.test_shard, self.data.stats, ctx, self.precision, num_classes,
+                                  channels_last=t.channels_last)
+        row = {
+            "global_step": state.global_step,
+            "lr": self.lr_for_step(state.global_step - 1),
+            "train/loss": metrics.loss, "train/accuracy": metrics.accuracy,
+            "test/loss": self.last_eval.loss, "test/accuracy": self.last_eval.accuracy,
+            "epoch_seconds": metrics.seconds,
+            "throughput/images_per_s": metrics.images_per_second,
+        }
+        if t.tta_flip:
+            row["test/accuracy_tta"] = evaluate(eval_model, self.test_shard, self.data.stats, ctx, self.precision,
+                                                num_classes, tta_flip=True,
+                                                channels_last=t.channels_last).accuracy
+        if state.scaler_skipped_steps or state.skipped_steps:
+            # Logged, not raised: fp16 loss-scale backoffs are routine.
+            row["skipped_steps"] = state.skipped_steps
+            row["scaler_skipped_steps"] = state.scaler_skipped_steps
+            self.logger.message(f"skipped steps so far: {state.skipped_steps} non-finite, "
+                                f"{state.scaler_skipped_steps} by the fp16 GradScaler")
+        return row
+
+    def fit(self) -> Dict[str, Any]:
+        """Train to the last epoch; returns the final metrics (on every rank)."""
+        t, state = self.t, self.state
+        self._announce()
+        with self.stop:
+            while state.epoch < t.epochs:
+                metrics = self._train_epoch()
+                if state.step_in_epoch < self.batches.steps_per_epoch:
+                    self.save()
+                    self._interrupt()
+                state.epoch += 1
+                state.step_in_epoch = 0
+                row = self._evaluate(metrics)
+                assert self.last_eval is not None
+                is_best = self.last_eval.accuracy > state.best_accuracy
+                state.best_accuracy = max(state.best_accuracy, self.last_eval.accuracy)
+                state.history.append({k: v for k, v in row.items()} | {"epoch": state.epoch})
+                self.logger.epoch(state.epoch, t.epochs, row)
+                self.save(is_best=is_best)
+                if state.epoch < t.epochs and self._should_stop():
+                    self._interrupt()
+        return self._finish()
+
+    def _finish(self) -> Dict[str, Any]:
+        last = self.state.history[-1]
+        final = {
+            "test_accuracy": last["test/accuracy"],
+            "test_loss": last["test/loss"],
+            "best_test_accuracy": self.state.best_accuracy,
+            "train_accuracy": last["train/accuracy"],
+        }
+        if "test/accuracy_tta" in last:
+            final["test_accuracy_tta"] = last["test/accuracy_tta"]
+        self.logger.finish(_hparams(self.cfg, self.ctx), final)
+        # DDP keeps replicas identical by construction; the digests let anyone check it.
+        digests = self.ctx.gather_objects(weights_digest(self.model))
+        return {**final, "epochs": self.state.epoch, "global_step": self.state.global_step,
+                "world_size": self.ctx.world_size, "replica_digests": digests,
+                "per_class_accuracy": self.last_eval.per_class_accuracy if self.last_eval else None}
+
+
+def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> Dict[str, Any]:
+    """Train as `cfg` says; returns the final metrics (on every rank)."""
+    return Trainer(cfg, ctx, logger).fit()
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -401,4 +438,4 @@ def _resume(path: Path, cfg: Config, ctx: DistContext, model: nn.Module, ema: Op
     # At an epoch boundary set_epoch re-derives every random stream from (seed, rank, epoch).
 
 
-__all__ = ["run", "Preempted", "build_training_model", "class_names"]
+__all__ = ["run", "Trainer", "Preempted", "build_training_model", "class_names"]
