@@ -39,6 +39,7 @@ def test_unknown_section_in_yaml(tmp_path: Path):
     ("train.channels_last=1", "expected bool"),
     ("train.precision=fp8", "one of 'auto', 'bf16', 'fp16', 'fp32'"),
     ("model.widths=16", "expected list of int"),
+    ("train.lr=fast", "expected float"),
 ])
 def test_wrong_types_name_key_and_type(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -55,6 +56,14 @@ def test_wrong_types_name_key_and_type(override, fragment):
 def test_impossible_values_are_refused(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(None, [override])
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path: Path):
+    # PyYAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`); users write it anyway.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  weight_decay: 5e-4\n")
+    cfg = load_config(path, ["train.lr=2e-1"])
+    assert cfg.train.weight_decay == 5e-4 and cfg.train.lr == 0.2
 
 
 def test_malformed_override_and_missing_file():
