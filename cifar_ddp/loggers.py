@@ -5,10 +5,11 @@ the markdown log - happens here, and only on rank 0. Other ranks get a
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -16,7 +17,8 @@ import torch
 class SilentLogger:
     """What every rank but 0 uses: accepts every call, does nothing."""
 
-    def start(self, cfg_dict: Dict[str, Any], info: Dict[str, Any]) -> None: ...
+    def start(self, cfg_dict: Dict[str, Any], info: Dict[str, Any],
+              history: Sequence[Dict[str, Any]] = ()) -> None: ...
     def progress(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> Iterable:
         return iterable
     def step(self, global_step: int, scalars: Dict[str, float]) -> None: ...
@@ -49,18 +51,29 @@ class MainLogger(SilentLogger):
         else:
             print(text, flush=True)
 
-    def start(self, cfg_dict: Dict[str, Any], info: Dict[str, Any]) -> None:
+    def start(self, cfg_dict: Dict[str, Any], info: Dict[str, Any],
+              history: Sequence[Dict[str, Any]] = ()) -> None:
         (self.out_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
         self.writer.add_text("config", "```\n" + json.dumps(cfg_dict, indent=2) + "\n```")
         self.message(" | ".join(f"{k}: {v}" for k, v in info.items()))
-        if not self.markdown.exists():
-            self.markdown.write_text(
-                "# Training log\n\n"
-                + "".join(f"- {k}: {v}\n" for k, v in info.items())
-                + f"\n| epoch | lr | train loss | train acc | {self.eval_split} loss | {self.eval_split} acc "
-                "| time (s) | images/s |\n"
-                "|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-            )
+        # A resumed run keeps the header of the run it continues (its launch facts),
+        # and its rows are rebuilt from the checkpoint's history: a crash between
+        # logging an epoch and checkpointing it would otherwise log that epoch twice.
+        header = _markdown_header(self.markdown.read_text()) if self.markdown.exists() else None
+        self._md_header = header or (
+            "# Training log\n\n"
+            + "".join(f"- {k}: {v}\n" for k, v in info.items())
+            + f"\n| epoch | lr | train loss | train acc | {self.eval_split} loss | {self.eval_split} acc "
+            "| time (s) | images/s |\n"
+            + _TABLE_RULE
+        )
+        self._md_rows = [_markdown_row(entry["epoch"], entry) for entry in history]
+        self._write_markdown()
+
+    def _write_markdown(self, footer: str = "") -> None:
+        tmp = self.markdown.with_name(self.markdown.name + ".tmp")
+        tmp.write_text(self._md_header + "".join(self._md_rows) + footer)
+        os.replace(tmp, self.markdown)
 
     def progress(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> Iterable:
         if not self.progress_bar:
@@ -97,12 +110,8 @@ class MainLogger(SilentLogger):
             if name in row:
                 self.writer.add_scalar(self._tag(name), row[name], step)
         self.writer.flush()
-        with self.markdown.open("a") as f:
-            f.write(
-                f"| {epoch} | {row['lr']:.4g} | {row['train/loss']:.4f} | {100 * row['train/accuracy']:.2f}% | "
-                f"{row['test/loss']:.4f} | {100 * row['test/accuracy']:.2f}% | {row['epoch_seconds']:.1f} | "
-                f"{row['throughput/images_per_s']:.0f} |\n"
-            )
+        self._md_rows.append(_markdown_row(epoch, row))
+        self._write_markdown()
         tta = f" (flip-TTA {100 * row['test/accuracy_tta']:.2f}%)" if "test/accuracy_tta" in row else ""
         self.message(
             f"epoch {epoch}/{total_epochs}  lr {row['lr']:.4g}  train loss {row['train/loss']:.4f} "
@@ -119,8 +128,22 @@ class MainLogger(SilentLogger):
         self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in final.items()}, run_name="hparams")
         self.writer.flush()
         self.writer.close()
-        with self.markdown.open("a") as f:
-            f.write("\n" + "".join(f"- final {k}: {v:.4f}\n" for k, v in final.items()))
+        self._write_markdown("\n" + "".join(f"- final {k}: {v:.4f}\n" for k, v in final.items()))
+
+
+_TABLE_RULE = "|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+
+
+def _markdown_header(text: str) -> Optional[str]:
+    """Everything up to and including the table's rule line; None if there is none."""
+    end = text.find(_TABLE_RULE)
+    return text[:end + len(_TABLE_RULE)] if end >= 0 else None
+
+
+def _markdown_row(epoch: int, row: Dict[str, Any]) -> str:
+    return (f"| {epoch} | {row['lr']:.4g} | {row['train/loss']:.4f} | {100 * row['train/accuracy']:.2f}% | "
+            f"{row['test/loss']:.4f} | {100 * row['test/accuracy']:.2f}% | {row['epoch_seconds']:.1f} | "
+            f"{row['throughput/images_per_s']:.0f} |\n")
 
 
 def make_logger(is_main: bool, out_dir: Path, progress_bar: bool = True, eval_split: str = "test") -> SilentLogger:

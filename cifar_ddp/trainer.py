@@ -192,7 +192,7 @@ class Trainer:
             f"{eval_split(cfg)} images": len(data.test),
             "params": sum(p.numel() for p in self.model.parameters()), "augment": cfg.augment.backend,
         }
-        self.logger.start(cfg.to_dict(), info)
+        self.logger.start(cfg.to_dict(), info, history=state.history)
         if state.global_step == 0 and ctx.is_main:
             self.logger.images("train/augmented", _preview(data, cfg), 0)
         if self.resume_path is not None:

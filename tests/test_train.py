@@ -79,6 +79,24 @@ def test_resume_with_ema_and_plain_last_epoch(tmp_path: Path):
     assert_bitwise_equal(a["ema"], b["ema"])
 
 
+def test_epoch_logged_but_not_checkpointed_appears_once_after_resume(tmp_path: Path):
+    # The state a crash between writing epoch 3's log row and its checkpoint leaves:
+    # resuming from epoch 2's checkpoint trains epoch 3 again.
+    train_in_process(tmp_path / "run", **{"train.epochs": 3})
+    log_path = tmp_path / "run" / "training_log.md"
+    first = log_path.read_text()
+    epoch_2 = ckpt.step_files(ckpt.checkpoint_dir(tmp_path / "run"))[1][1]
+    assert ckpt.load_file(epoch_2)["train_state"]["epoch"] == 2
+    train_in_process(tmp_path / "run", **{"train.epochs": 3, "train.resume": str(epoch_2)})
+    log = log_path.read_text()
+    rows = [line.split("|")[1].strip() for line in log.splitlines() if line.startswith("| ") and "epoch" not in line]
+    assert rows == ["1", "2", "3"]
+    assert log.count("- final test_accuracy") == 1
+    # The rows of epochs that were not re-run are kept as they were.
+    assert [line for line in log.splitlines() if line.startswith(("| 1 |", "| 2 |"))] == \
+        [line for line in first.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+
+
 def test_evaluate_cli_matches_training_and_reads_test_only_folder(tmp_path: Path):
     root = make_image_folder(tmp_path / "images", per_class=4)
     out = tmp_path / "run"
