@@ -11,6 +11,7 @@ Last line: speedup_vs_naive=(2)/(1) ddp_efficiency=(3)/(2).
 
     python benchmarks/throughput.py --quick
     python benchmarks/throughput.py --data-root /tmp/cifar10-jpeg     # real images instead of fake
+    python benchmarks/throughput.py --set model.dropout=0             # any config override
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from cifar_ddp.trainer import build_training_model  # noqa: E402
 
 
 def make_config(args: argparse.Namespace, extra=()):
-    overrides = [f"train.batch_size={args.batch_size}", "train.progress_bar=false", *extra]
+    overrides = [f"train.batch_size={args.batch_size}", "train.progress_bar=false", *args.set, *extra]
     if args.data_root:
         overrides += ["data.source=folder", f"data.root={args.data_root}"]
     else:
@@ -127,6 +128,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8192, help="fake images when no --data-root")
     parser.add_argument("--data-root", default="", help="an image-folder tree (data.source=folder)")
     parser.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers of the naive path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for all three paths, e.g. --set model.dropout=0")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps is None:
@@ -143,7 +146,8 @@ def main() -> None:
         return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.steps} timed steps after {args.warmup}, data: {args.data_root or 'fake'}", flush=True)
+          f"{args.steps} timed steps after {args.warmup}, data: {args.data_root or 'fake'}"
+          + (f", overrides: {' '.join(args.set)}" if args.set else ""), flush=True)
     naive = measure_naive(args)
     print(f"(1) naive baseline (albumentations DataLoader, fp32): {naive:8.1f} images/s", flush=True)
     default = measure_cifar_ddp(args)
