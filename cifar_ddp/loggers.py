@@ -123,8 +123,12 @@ class MainLogger(SilentLogger):
     def _tag(self, name: str) -> str:
         return self.eval_split + name[len("test"):] if name.startswith("test/") else name
 
+    def _final_name(self, key: str) -> str:
+        return key.replace("test_", self.eval_split + "_")
+
     def finish(self, hparams: Dict[str, Any], final: Dict[str, float]) -> None:
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        final = {self._final_name(k): v for k, v in final.items()}
         self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in final.items()}, run_name="hparams")
         self.writer.flush()
         self.writer.close()

@@ -17,7 +17,7 @@ from conftest import (REPO, assert_bitwise_equal, final_weights, make_image_fold
 
 def test_run_writes_checkpoints_logs_and_tensorboard(tmp_path: Path):
     result = train_in_process(tmp_path / "run", **{"train.epochs": 3})
-    assert result["epochs"] == 3 and 0 <= result["test_accuracy"] <= 1
+    assert result["epochs"] == 3 and 0 <= result["test_accuracy"] <= 1 and result["evaluated_on"] == "test"
     directory = ckpt.checkpoint_dir(tmp_path / "run")
     assert {"last.pt", "best.pt"} <= {p.name for p in directory.iterdir()}
     assert len(ckpt.step_files(directory)) == 2  # keep_checkpoints=2 prunes the oldest
@@ -38,11 +38,12 @@ def test_run_writes_checkpoints_logs_and_tensorboard(tmp_path: Path):
 
 
 def test_validation_run_is_labelled_val_not_test(tmp_path: Path, capsys):
-    train_in_process(tmp_path / "run", **{"data.val_size": 32, "train.epochs": 1})
+    result = train_in_process(tmp_path / "run", **{"data.val_size": 32, "train.epochs": 1})
+    assert result["evaluated_on"] == "val"
     out = capsys.readouterr().out
     assert "val images: 32" in out and "val loss" in out and "test loss" not in out
     log = (tmp_path / "run" / "training_log.md").read_text()
-    assert "| val acc |" in log and "test acc" not in log
+    assert "| val acc |" in log and "- final val_accuracy:" in log and "test" not in log
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
