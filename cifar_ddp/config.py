@@ -35,9 +35,12 @@ class DataConfig:
     fake_size: int = 512
     # folder only: where decoded arrays are cached; "" means <root>/.cifar_ddp_cache.
     cache_dir: str = ""
-    # Images carved from the training split (fixed by `seed`) to compare recipes
-    # without looking at the test split; 0 evaluates on the test split.
+    # Images carved from the training split to compare recipes without looking at
+    # the test split; 0 evaluates on the test split.
     val_size: int = 0
+    # Which images the carve takes. Kept apart from `seed` so that runs with other
+    # seeds are scored on the same images and their spread is training noise only.
+    val_seed: int = 0
     # DataLoader worker processes (albumentations backend only).
     num_workers: int = 2
 

@@ -85,6 +85,14 @@ def test_validation_split_is_carved_from_train(image_folder: Path):
     assert sorted(map(bytes, together)) == sorted(map(bytes, full.train.images.reshape(30, -1)))
 
 
+def test_validation_carve_follows_val_seed_not_the_training_seed(image_folder: Path):
+    first = load_dataset(folder_cfg(image_folder, val_size=8), seed=0)
+    other_seed = load_dataset(folder_cfg(image_folder, val_size=8), seed=5)
+    other_carve = load_dataset(folder_cfg(image_folder, val_size=8, val_seed=5), seed=0)
+    assert np.array_equal(first.test.images, other_seed.test.images)
+    assert not np.array_equal(first.test.images, other_carve.test.images)
+
+
 def test_fake_source_sizes_and_distinct_splits():
     data = load_dataset(DataConfig(source="fake", fake_size=40), classes=tuple(f"c{i}" for i in range(10)))
     assert data.train.images.shape == (40, 32, 32, 3) and len(data.test) == 40

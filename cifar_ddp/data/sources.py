@@ -211,7 +211,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0, with_train: bool = True,
         with_train = True  # the validation split is carved from the training images
     train = _load_split(cfg, "train", classes, seed) if with_train else None
     if train is not None and cfg.val_size:
-        train, test = _carve_validation(train, cfg.val_size, seed)
+        train, test = _carve_validation(train, cfg.val_size, cfg.val_seed)
     else:
         test = _load_split(cfg, "test", classes, seed)
     if stats is None:
