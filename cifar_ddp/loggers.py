@@ -59,7 +59,8 @@ class MainLogger(SilentLogger):
         # A resumed run keeps the header of the run it continues (its launch facts),
         # and its rows are rebuilt from the checkpoint's history: a crash between
         # logging an epoch and checkpointing it would otherwise log that epoch twice.
-        header = _markdown_header(self.markdown.read_text()) if self.markdown.exists() else None
+        resumed = bool(history) and self.markdown.exists()
+        header = _markdown_header(self.markdown.read_text()) if resumed else None
         self._md_header = header or (
             "# Training log\n\n"
             + "".join(f"- {k}: {v}\n" for k, v in info.items())

@@ -138,6 +138,7 @@ class Trainer:
         self.cfg, self.ctx, self.t = cfg, ctx, cfg.train
         t = self.t
         self.out_dir = Path(cfg.out_dir)
+        _refuse_to_overwrite(cfg, ctx)
         self.precision = resolve_precision(t.precision, ctx.device)
         seed_everything(cfg.seed)
         if ctx.device.type == "cuda":
@@ -391,11 +392,31 @@ def _hparams(cfg: Config, ctx: DistContext) -> Dict[str, Any]:
     }
 
 
-def _resume_source(cfg: Config) -> Optional[Path]:
-    resume = cfg.train.resume
-    if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+def _requested_resume(cfg: Config) -> str:
+    if not cfg.train.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         # torchrun restarted the group after a worker died: pick up where it left off.
-        resume = "auto"
+        return "auto"
+    return cfg.train.resume
+
+
+def _refuse_to_overwrite(cfg: Config, ctx: DistContext) -> None:
+    """A fresh run in a folder holding another run's checkpoints would mix the two: its
+    early step files would be pruned as older than the earlier run's, and a later
+    resume=auto would pick the wrong run."""
+    if _requested_resume(cfg):
+        return
+    directory = ckpt.checkpoint_dir(cfg.out_dir)
+    found = bool(ckpt.step_files(directory)) or (directory / "last.pt").exists()
+    # Decided together, so that no rank is left waiting in a collective for one that stopped.
+    if ctx.max(torch.tensor(float(found), device=ctx.device)).item() > 0:
+        raise UserError(
+            f"out_dir '{cfg.out_dir}' already holds checkpoints of an earlier run; continue it with "
+            f"--resume (train.resume=auto), or start afresh in another out_dir=..., or delete '{directory}'"
+        )
+
+
+def _resume_source(cfg: Config) -> Optional[Path]:
+    resume = _requested_resume(cfg)
     if not resume:
         return None
     if resume == "auto":

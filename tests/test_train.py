@@ -98,6 +98,15 @@ def test_epoch_logged_but_not_checkpointed_appears_once_after_resume(tmp_path: P
         [line for line in first.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
 
 
+def test_fresh_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path: Path):
+    train_in_process(tmp_path / "run", **{"train.epochs": 1})
+    before = {p.name: p.read_bytes() for p in ckpt.checkpoint_dir(tmp_path / "run").iterdir()}
+    with pytest.raises(UserError, match=r"already holds checkpoints.*--resume.*another out_dir"):
+        train_in_process(tmp_path / "run", **{"train.epochs": 1})
+    after = {p.name: p.read_bytes() for p in ckpt.checkpoint_dir(tmp_path / "run").iterdir()}
+    assert before == after
+
+
 def test_evaluate_cli_matches_training_and_reads_test_only_folder(tmp_path: Path):
     root = make_image_folder(tmp_path / "images", per_class=4)
     out = tmp_path / "run"
