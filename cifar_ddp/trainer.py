@@ -334,8 +334,8 @@ class Trainer:
         # DDP keeps replicas identical by construction; the digests let anyone check it.
         digests = self.ctx.gather_objects(weights_digest(self.model))
         # The keys say test_ for both splits (a stable interface); `evaluated_on` says which.
-        return {**final, "evaluated_on": eval_split(self.cfg), "epochs": self.state.epoch, "global_step": self.state.global_step,
-                "world_size": self.ctx.world_size, "replica_digests": digests,
+        return {**final, "evaluated_on": eval_split(self.cfg), "epochs": self.state.epoch,
+                "global_step": self.state.global_step, "world_size": self.ctx.world_size, "replica_digests": digests,
                 "per_class_accuracy": self.last_eval.per_class_accuracy if self.last_eval else None}
 
 
