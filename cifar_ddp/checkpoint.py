@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -24,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .errors import UserError
+from .files import atomic_write
 
 FORMAT_VERSION = 1
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
@@ -35,26 +34,6 @@ class CheckpointError(UserError):
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def encode(payload: Dict[str, Any]) -> bytes:
@@ -100,10 +79,10 @@ def save(directory: Path, payload: Dict[str, Any], global_step: int, keep: int, 
     """Write step-N.pt, last.pt (and best.pt), then prune old step files."""
     data = encode(payload)
     step_path = directory / f"step-{global_step:08d}.pt"
-    _atomic_write(step_path, data)
-    _atomic_write(directory / "last.pt", data)
+    atomic_write(step_path, data)
+    atomic_write(directory / "last.pt", data)
     if is_best:
-        _atomic_write(directory / "best.pt", data)
+        atomic_write(directory / "best.pt", data)
     for _, old in step_files(directory)[keep:]:
         old.unlink(missing_ok=True)
     # Temporary files left by a save that was killed half-way are never read; clear them.

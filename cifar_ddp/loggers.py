@@ -5,13 +5,14 @@ the markdown log - happens here, and only on rank 0. Other ranks get a
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
+
+from .files import atomic_write
 
 
 class SilentLogger:
@@ -72,9 +73,7 @@ class MainLogger(SilentLogger):
         self._write_markdown()
 
     def _write_markdown(self, footer: str = "") -> None:
-        tmp = self.markdown.with_name(self.markdown.name + ".tmp")
-        tmp.write_text(self._md_header + "".join(self._md_rows) + footer)
-        os.replace(tmp, self.markdown)
+        atomic_write(self.markdown, (self._md_header + "".join(self._md_rows) + footer).encode())
 
     def progress(self, iterable: Iterable, total: int, desc: str, initial: int = 0) -> Iterable:
         if not self.progress_bar:
