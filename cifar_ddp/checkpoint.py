@@ -91,11 +91,17 @@ def save(directory: Path, payload: Dict[str, Any], global_step: int, keep: int, 
     return step_path
 
 
-def find_resumable(directory: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest checkpoint that loads and passes its checksum, warning about any skipped."""
+def resume_candidates(directory: Path) -> List[Path]:
+    """The checkpoints a resume would try, newest first (unchecked: nothing is loaded)."""
     candidates = [p for _, p in step_files(directory)]
     if not candidates and (directory / "last.pt").is_file():
         candidates = [directory / "last.pt"]
+    return candidates
+
+
+def find_resumable(directory: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The newest checkpoint that loads and passes its checksum, warning about any skipped."""
+    candidates = resume_candidates(directory)
     for index, path in enumerate(candidates):
         try:
             payload = load_file(path)

@@ -406,7 +406,7 @@ def _refuse_to_overwrite(cfg: Config, ctx: DistContext) -> None:
     if _requested_resume(cfg):
         return
     directory = ckpt.checkpoint_dir(cfg.out_dir)
-    found = bool(ckpt.step_files(directory)) or (directory / "last.pt").exists()
+    found = bool(ckpt.resume_candidates(directory))
     # Decided together, so that no rank is left waiting in a collective for one that stopped.
     if ctx.max(torch.tensor(float(found), device=ctx.device)).item() > 0:
         raise UserError(
