@@ -58,6 +58,11 @@ class AugmentConfig:
     # Reflect (not black) borders: ShiftScaleRotate's 1.x default, which the seed
     # trained with; black borders are an artefact the net would learn to ignore.
     border_mode: Literal["reflect", "constant"] = "reflect"
+    # Random crop of the image padded by crop_padding pixels (torchvision's CIFAR
+    # RandomCrop(32, padding=4)): a whole-pixel shift, so unlike the affine step it
+    # never blurs the image by resampling. Off in the seed's recipe. Borders as above.
+    crop_p: float = 0.0
+    crop_padding: int = 4
     cutout_p: float = 0.5
     cutout_size: int = 16
     # Epochs at the end trained without augmentation (0 keeps it to the end).
@@ -275,12 +280,13 @@ def validate(cfg: Config) -> None:
     _require(t.stop_after_steps >= 0, "train.stop_after_steps must be >= 0 (0 = run to the end)")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
     _require(t.log_every_steps >= 1, "train.log_every_steps must be at least 1")
-    for name in ("hflip_p", "affine_p", "cutout_p"):
+    for name in ("hflip_p", "affine_p", "crop_p", "cutout_p"):
         p = getattr(a, name)
         _require(0 <= p <= 1, f"augment.{name} is {p}; a probability must be in [0, 1]")
     _require(0 <= a.shift_limit < 1, "augment.shift_limit is a fraction of the image size in [0, 1)")
     _require(0 <= a.scale_limit < 1, "augment.scale_limit must be in [0, 1)")
     _require(0 <= a.rotate_limit <= 180, "augment.rotate_limit is in degrees, within [0, 180]")
+    _require(0 <= a.crop_padding <= 16, f"augment.crop_padding is {a.crop_padding}; it is in pixels, within [0, 16]")
     _require(1 <= a.cutout_size <= 32, f"augment.cutout_size is {a.cutout_size}; it must fit a 32x32 image (1..32)")
     _require(0 <= a.plain_last_epochs <= t.epochs, "augment.plain_last_epochs must be within [0, train.epochs]")
     _require(len(m.widths) == 3 and all(w >= 1 for w in m.widths),

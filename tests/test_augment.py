@@ -173,3 +173,53 @@ def test_batched_border_mode(mode):
         assert torch.allclose(left_strip, out[0, :, :, 16:20], atol=1e-4)
     else:
         assert torch.allclose(left_strip, black.expand_as(left_strip), atol=1e-4)
+
+
+# ----------------------------------------------------------------- random crop
+
+
+def padded_crop(image: np.ndarray, pad: int, dy: int, dx: int, mode: str) -> np.ndarray:
+    """Reference: the image padded by `pad` pixels, cut at offset (dy, dx) from the centre."""
+    np_mode = "reflect" if mode == "reflect" else "constant"   # numpy's reflect leaves out the edge, like cv2's 101
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode=np_mode)
+    return padded[pad + dy:pad + dy + image.shape[0], pad + dx:pad + dx + image.shape[1]]
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant"])
+def test_batched_crop_is_a_whole_pixel_shift_of_the_padded_image(mode):
+    images = random_images(64)
+    augment = BatchAugment(only(crop_p=1.0, crop_padding=4, border_mode=mode), STATS)
+    params = augment.sample(64, 32, 32, torch.Generator().manual_seed(0))
+    out = augment.apply(torch.from_numpy(images), params)
+    offsets = set()
+    for i, image in enumerate(images):
+        dy, dx = int(params["crop_dy"][i]), int(params["crop_dx"][i])
+        offsets.add((dy, dx))
+        expected = normalized(padded_crop(image, 4, dy, dx, mode)).transpose(2, 0, 1)
+        assert np.allclose(out[i].numpy(), expected, atol=1e-5)
+    assert len(offsets) > 20 and all(abs(dy) <= 4 and abs(dx) <= 4 for dy, dx in offsets)
+
+
+def test_albumentations_crop_is_a_whole_pixel_shift_of_the_padded_image():
+    pipeline = albumentations_train(only(crop_p=1.0, crop_padding=3), STATS)
+    pipeline.set_random_seed(0)
+    image = random_images(1)[0]
+    candidates = {(dy, dx): normalized(padded_crop(image, 3, dy, dx, "reflect"))
+                  for dy in range(-3, 4) for dx in range(-3, 4)}
+    seen = set()
+    for _ in range(60):
+        out = pipeline(image=image)["image"]
+        match = [shift for shift, ref in candidates.items() if np.allclose(out, ref, atol=1e-5)]
+        assert match, "the crop resampled the image instead of shifting whole pixels"
+        seen.add(match[0])
+    assert len(seen) > 15
+
+
+def test_crop_draws_come_after_the_others_so_old_recipes_draw_the_same():
+    without = BatchAugment(AugmentConfig(), STATS).sample(256, 32, 32, torch.Generator().manual_seed(5))
+    with_crop = BatchAugment(AugmentConfig(crop_p=0.5), STATS).sample(256, 32, 32, torch.Generator().manual_seed(5))
+    for key in ("flip", "affine", "angle", "scale", "shift", "cutout", "top", "left"):
+        assert torch.equal(without[key], with_crop[key]), key
+    assert not without["crop"].any() and 0.4 < with_crop["crop"].float().mean() < 0.6
+    uncropped = ~with_crop["crop"]
+    assert not with_crop["crop_dy"][uncropped].any() and not with_crop["crop_dx"][uncropped].any()

@@ -51,6 +51,8 @@ def test_wrong_types_name_key_and_type(override, fragment):
     ("train.epochs=0", "train.epochs"),
     ("train.batch_size=0", "train.batch_size"),
     ("augment.cutout_p=1.5", "augment.cutout_p"),
+    ("augment.crop_p=-0.1", "augment.crop_p"),
+    ("augment.crop_padding=40", "augment.crop_padding"),
     ("model.widths=[16,32]", "model.widths"),
 ])
 def test_impossible_values_are_refused(override, fragment):

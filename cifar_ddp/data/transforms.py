@@ -29,15 +29,28 @@ def _cv2_border(mode: str) -> int:
 
 def albumentations_train(cfg: AugmentConfig, stats: ChannelStats):
     import albumentations as A
+    import cv2
 
     mean_pixel = tuple(round(255.0 * m) for m in stats.mean)
-    return A.Compose([
-        A.HorizontalFlip(p=cfg.hflip_p),
+    border = _cv2_border(cfg.border_mode)
+    steps = [A.HorizontalFlip(p=cfg.hflip_p)]
+    if cfg.crop_p > 0:
+        # Only when enabled, so that recipes without it draw what they drew before.
+        # A whole-pixel translation with nearest sampling is exactly a crop of the
+        # padded image, without needing to know the image size.
+        steps.append(A.Affine(
+            translate_px=(-cfg.crop_padding, cfg.crop_padding),
+            interpolation=cv2.INTER_NEAREST,
+            border_mode=border,
+            fill=0,
+            p=cfg.crop_p,
+        ))
+    return A.Compose(steps + [
         A.Affine(
             translate_percent=(-cfg.shift_limit, cfg.shift_limit),
             scale=(1.0 - cfg.scale_limit, 1.0 + cfg.scale_limit),
             rotate=(-cfg.rotate_limit, cfg.rotate_limit),
-            border_mode=_cv2_border(cfg.border_mode),
+            border_mode=border,
             fill=0,
             p=cfg.affine_p,
         ),
@@ -62,6 +75,17 @@ def _stats_tensors(stats: ChannelStats, device: torch.device) -> Tuple[torch.Ten
     mean = torch.tensor(stats.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(stats.std, device=device).view(1, 3, 1, 1)
     return mean, std
+
+
+def _shifted_indices(offset: torch.Tensor, size: int, reflect: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Source index of each output pixel along one axis, shifted by a per-sample
+    offset (n,) -> (n, size), and whether it fell inside the image. Reflection
+    leaves out the edge pixel, as cv2's BORDER_REFLECT_101 does."""
+    index = torch.arange(size, device=offset.device).view(1, size) + offset.view(-1, 1)
+    inside = (index >= 0) & (index < size)
+    if reflect:
+        index = torch.where(index < 0, -index, torch.where(index >= size, 2 * (size - 1) - index, index))
+    return index.clamp(0, size - 1), inside
 
 
 def normalize_batch(images: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
@@ -97,7 +121,7 @@ class BatchAugment:
 
         affine = coin(cfg.affine_p)
         size = cfg.cutout_size
-        return {
+        params = {
             "flip": coin(cfg.hflip_p),
             "affine": affine,
             # Samples without the affine step get the identity.
@@ -108,11 +132,31 @@ class BatchAugment:
             "top": torch.randint(0, height - size + 1, (n,), generator=gen, device=device),
             "left": torch.randint(0, width - size + 1, (n,), generator=gen, device=device),
         }
+        # Drawn last, and only when enabled, so that recipes without the crop draw
+        # exactly the numbers they drew before it existed.
+        no_shift = torch.zeros(n, dtype=torch.long, device=device)
+        params.update(crop=torch.zeros(n, dtype=torch.bool, device=device), crop_dy=no_shift, crop_dx=no_shift)
+        if cfg.crop_p > 0:
+            crop, pad = coin(cfg.crop_p), cfg.crop_padding
+            offsets = torch.randint(-pad, pad + 1, (2, n), generator=gen, device=device)
+            params.update(crop=crop, crop_dy=torch.where(crop, offsets[0], 0), crop_dx=torch.where(crop, offsets[1], 0))
+        return params
 
     def apply(self, images: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
         """uint8 (B, H, W, 3) + drawn parameters -> normalized float (B, 3, H, W)."""
         cfg = self.cfg
         n, height, width, _ = images.shape
+        if bool(params["crop"].any()):
+            # On the uint8 pixels, before the flip: a mirrored shift is drawn as often
+            # as the shift itself, so the order does not change what is sampled.
+            reflect = cfg.border_mode == "reflect"
+            rows, rows_inside = _shifted_indices(params["crop_dy"], height, reflect)
+            cols, cols_inside = _shifted_indices(params["crop_dx"], width, reflect)
+            batch = torch.arange(n, device=images.device).view(n, 1, 1)
+            images = images[batch, rows.view(n, height, 1), cols.view(n, 1, width)]
+            if not reflect:
+                inside = rows_inside.view(n, height, 1) & cols_inside.view(n, 1, width)
+                images = images * inside.unsqueeze(3).to(images.dtype)
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
         x = torch.where(params["flip"].view(n, 1, 1, 1), x.flip(3), x)
 
