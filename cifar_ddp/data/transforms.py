@@ -98,7 +98,8 @@ def normalize_batch(images: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
 class BatchAugment:
     """The albumentations pipeline above, applied to a whole uint8 batch at once.
 
-    Per sample, independently: flip with p=hflip_p; with p=affine_p a rotation,
+    Per sample, independently: flip with p=hflip_p; with p=crop_p a shift by whole
+    pixels, up to crop_padding each way, through the padded image; with p=affine_p a rotation,
     scale and shift drawn uniformly from the same ranges, resampled bilinearly
     through an affine grid; with p=cutout_p one cutout_size square hole, fully
     inside the image, set to the dataset mean (0 after normalization).
