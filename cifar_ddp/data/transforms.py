@@ -135,12 +135,14 @@ class BatchAugment:
         }
         # Drawn last, and only when enabled, so that recipes without the crop draw
         # exactly the numbers they drew before it existed.
-        no_shift = torch.zeros(n, dtype=torch.long, device=device)
-        params.update(crop=torch.zeros(n, dtype=torch.bool, device=device), crop_dy=no_shift, crop_dx=no_shift)
         if cfg.crop_p > 0:
             crop, pad = coin(cfg.crop_p), cfg.crop_padding
             offsets = torch.randint(-pad, pad + 1, (2, n), generator=gen, device=device)
-            params.update(crop=crop, crop_dy=torch.where(crop, offsets[0], 0), crop_dx=torch.where(crop, offsets[1], 0))
+            offsets = torch.where(crop, offsets, 0)
+        else:
+            crop = torch.zeros(n, dtype=torch.bool, device=device)
+            offsets = torch.zeros(2, n, dtype=torch.long, device=device)
+        params.update(crop=crop, crop_dy=offsets[0], crop_dx=offsets[1])
         return params
 
     def apply(self, images: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
