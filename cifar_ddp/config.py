@@ -113,8 +113,19 @@ class TrainConfig:
     stop_after_steps: int = 0
     keep_checkpoints: int = 2
     # What a NaN/Inf loss does: stop the run, or skip the step and carry on.
+    # Either way the bad update is never applied (it is masked on the device); the
+    # decision is read at the next sync step (see log_every_steps).
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # The host reads the device only every this many steps (and at epoch ends and
+    # checkpoint steps): the step loss is logged, and a signal, a non-finite loss or
+    # stop_after_steps is acted on. A stop lands at most this many steps late.
     log_every_steps: int = 50
+    # "on": torch.compile (inductor) the model's forward and backward; "off": eager.
+    # The first steps pay for compiling (reported apart from training time).
+    compile: Literal["off", "on"] = "off"
+    # CUDA only: capture the whole step (forward, loss, backward, all-reduce, optimizer,
+    # EMA, metrics) as one CUDA graph after a few eager warm-up steps, and replay it.
+    cuda_graph: bool = False
     progress_bar: bool = True
 
 

@@ -33,7 +33,8 @@ class DistContext:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group exists (under a launcher, even with one process)."""
+        return bool(self.backend)
 
     def barrier(self) -> None:
         if self.is_distributed:
@@ -100,7 +101,10 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 300.0) 
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     device = _select_device(device_preference, local_rank)
-    if world_size == 1:
+    # Under a launcher (torchrun, accelerate) the group is formed even for one process, as
+    # torchvision's references do: a one-GPU machine then runs the same nccl/DDP path as many.
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    if not launched:
         return DistContext(device=device)
 
     backend = "nccl" if device.type == "cuda" else "gloo"

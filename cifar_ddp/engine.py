@@ -1,26 +1,25 @@
 """The two phases of a run: train_one_epoch and evaluate.
 
-Metrics are accumulated as tensors on the training device and read back once
-per log interval, so the hot loop does not wait on the host every step (apart
-from the finiteness check, see `StepGuard`).
+The training loop only queues work on the device (`step.TrainStep`); the host reads
+the device back at the sync steps of a `SyncPlan` - every `log_every_steps`, at
+checkpoint steps, at `stop_after_steps` and at the epoch's end - and nowhere else.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
 from .data.loaders import eval_batches
 from .data.sources import ChannelStats, ImageSplit
 from .distributed import DistContext
 from .errors import UserError
+from .step import TrainStep, autocast
 
 # ------------------------------------------------------------------ precision
 
@@ -43,13 +42,6 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # ------------------------------------------------------------------ training
 
 
@@ -64,7 +56,7 @@ class TrainState:
     step_in_epoch: int = 0      # steps completed inside `epoch` (mid-epoch checkpoints)
     global_step: int = 0
     best_accuracy: float = -1.0
-    skipped_steps: int = 0      # non-finite steps skipped (on_nonfinite=skip)
+    skipped_steps: int = 0      # non-finite steps whose update was masked (on_nonfinite=skip)
     scaler_skipped_steps: int = 0   # fp16 steps the GradScaler skipped (normal, not errors)
     history: List[dict] = field(default_factory=list)
 
@@ -74,96 +66,79 @@ class EpochMetrics:
     loss: float
     accuracy: float
     images: int
-    seconds: float
+    seconds: float               # training only: compiling and capturing are in setup_seconds
+    setup_seconds: float = 0.0
+    stop_requested: bool = False
 
     @property
     def images_per_second(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    lr_for_step: Callable[[int], float],
-    state: TrainState,
-    cfg: TrainConfig,
-    ctx: DistContext,
-    precision: str,
-    scaler: Optional[torch.amp.GradScaler] = None,
-    ema: Optional[nn.Module] = None,
-    on_step: Optional[Callable[[TrainState, dict], None]] = None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> EpochMetrics:
-    """One pass over this rank's batches; returns metrics summed over all ranks."""
-    from .optim import set_lr
+@dataclass
+class SyncPlan:
+    """The steps at which the host reads the device; between them nothing waits."""
+    every: int
+    checkpoint_every: int = 0
+    stop_after: int = 0
+    stop_on_nonfinite: bool = True
 
-    model.train()
-    device = ctx.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = torch.zeros((), device=device, dtype=torch.int64)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    def due(self, global_step: int) -> bool:
+        return (global_step % self.every == 0
+                or bool(self.checkpoint_every and global_step % self.checkpoint_every == 0)
+                or global_step == self.stop_after)
+
+
+def train_one_epoch(
+    step: TrainStep,
+    batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+    lr_at_step: Callable[[int], float],
+    state: TrainState,
+    plan: SyncPlan,
+    ctx: DistContext,
+    on_sync: Callable[[TrainState, Dict[str, float]], bool] = lambda state, read: False,
+) -> EpochMetrics:
+    """One pass over this rank's batches; returns metrics summed over all ranks.
+
+    `on_sync(state, read)` runs at the plan's sync steps and at the epoch's end, with
+    what the device reported (`TrainStep.read`); it returns True to stop the epoch.
+    """
+    step.model.train()
+    step.reset_metrics()
+    setup_before = step.setup_seconds
     started = time.perf_counter()
+    stop, synced_at = False, state.global_step
     for images, labels in batches:
-        images = images.contiguous(memory_format=memory_format)
-        lr = lr_for_step(state.global_step)
-        set_lr(optimizer, lr)
-        with autocast(device, precision):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            if scaler.get_scale() < scale_before:
-                state.scaler_skipped_steps += 1
-        else:
-            loss.backward()
-            if not _finite_step(loss, model, state, cfg, ctx):
-                state.global_step += 1
-                state.step_in_epoch += 1
-                continue
-            optimizer.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        loss_sum += loss.detach().double() * labels.numel()
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += labels.numel()
+        step.set_lr(lr_at_step(state.global_step))
+        step(images, labels)
         state.global_step += 1
         state.step_in_epoch += 1
-        if on_step is not None:
-            on_step(state, {"lr": lr, "loss": loss})
-        if should_stop():
-            break
-    totals = ctx.sum(torch.stack([loss_sum, correct.double(), seen.double()]))
-    elapsed = time.perf_counter() - started
-    n = max(int(totals[2].item()), 1)
-    return EpochMetrics(loss=float(totals[0]) / n, accuracy=float(totals[1]) / n,
-                        images=int(totals[2].item()), seconds=elapsed)
+        if plan.due(state.global_step):
+            synced_at = state.global_step
+            if on_sync(state, _fold(step.read(), state, plan)):
+                stop = True
+                break
+    if not stop and synced_at != state.global_step:
+        stop = on_sync(state, _fold(step.read(), state, plan))
+    totals = ctx.sum(step.metrics()).tolist()
+    setup = step.setup_seconds - setup_before
+    n = max(int(totals[2]), 1)
+    return EpochMetrics(loss=totals[0] / n, accuracy=totals[1] / n, images=int(totals[2]),
+                        seconds=time.perf_counter() - started - setup, setup_seconds=setup, stop_requested=stop)
 
 
-def _finite_step(loss: torch.Tensor, model: nn.Module, state: TrainState,
-                 cfg: TrainConfig, ctx: DistContext) -> bool:
-    """True when the loss is finite on every rank; else stop or skip, per config.
-
-    One host sync per step: the price of never applying a NaN update. All ranks
-    agree (max over ranks) so they skip or stop together and stay in lockstep.
-    """
-    bad = (~torch.isfinite(loss.detach())).to(torch.int32)
-    if ctx.is_distributed:
-        bad = ctx.max(bad)
-    if not bool(bad):
-        return True
-    if cfg.on_nonfinite == "skip":
-        state.skipped_steps += 1
-        return False
-    raise NonFiniteLoss(
-        f"non-finite loss at step {state.global_step + 1} (epoch {state.epoch + 1}); training stopped. "
-        "Lower train.lr, use train.precision=fp32, or set train.on_nonfinite=skip"
-    )
+def _fold(read: Dict[str, float], state: TrainState, plan: SyncPlan) -> Dict[str, float]:
+    """Add the device's counters to the run's, and stop on a non-finite step if asked.
+    Every rank reads the same counters (they come from all-reduced gradients)."""
+    state.skipped_steps += read["nonfinite_steps"]
+    state.scaler_skipped_steps += read["scaler_skipped_steps"]
+    if read["nonfinite_steps"] and plan.stop_on_nonfinite:
+        step = read["first_nonfinite_step"]
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step} (epoch {state.epoch + 1}); its update was not applied and "
+            "training stopped. Lower train.lr, use train.precision=fp32, or set train.on_nonfinite=skip"
+        )
+    return read
 
 
 # ---------------------------------------------------------------- evaluation

@@ -46,11 +46,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # Fused kernels: one launch per update, a learning rate read from a device tensor
+    # (see step.TrainStep), and updates masked on the device when `found_inf` is set.
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, foreach=True)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)

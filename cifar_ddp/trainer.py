@@ -3,6 +3,7 @@ train_one_epoch and evaluate, with checkpoints and logs along the way."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -22,19 +23,21 @@ from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_
 from .data.sources import DatasetArrays, load_dataset
 from .data.transforms import BatchAugment
 from .distributed import DistContext
-from .engine import EvalResult, NonFiniteLoss, TrainState, evaluate, resolve_precision, train_one_epoch
+from .ema import WeightEma
+from .engine import EvalResult, NonFiniteLoss, SyncPlan, TrainState, evaluate, resolve_precision, train_one_epoch
 from .errors import UserError
 from .loggers import SilentLogger, make_logger
 from .models import build_model
 from .optim import build_optimizer, lr_at, peak_lr
+from .step import TrainStep, capture_stream, check_step_options
 
 class Preempted(Exception):
     """Raised after a checkpoint was written in response to SIGTERM/SIGINT."""
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag checked between steps, so a step is never
-    cut in half and every rank stops at the same step."""
+    """Turns SIGTERM/SIGINT into a flag the ranks agree on at the next sync step, so a
+    step is never cut in half and every rank stops at the same step."""
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
@@ -95,35 +98,20 @@ def build_training_model(cfg: Config, ctx: DistContext) -> nn.Module:
     return model
 
 
-def _make_ema(model: nn.Module, decay: float) -> Optional[nn.Module]:
-    if decay <= 0:
-        return None
-    from torch.optim.swa_utils import AveragedModel
-
-    def update(averaged: list, current: list, num_averaged: torch.Tensor) -> None:
-        # Warm the decay up, (1 + n) / (10 + n) until it reaches `decay`: a fixed 0.999 would
-        # keep ~40% of the random initial weights after the first epoch, and score 10%.
-        n = float(num_averaged)
-        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
-        if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, weight)
-        else:  # integer buffers (BN's num_batches_tracked) are counters: take the current value
-            for target, source in zip(averaged, current):
-                target.copy_(source)
-
-    # use_buffers: BN running statistics are averaged too, so the EMA model evaluates as is.
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+def _make_ema(model: nn.Module, decay: float) -> Optional[WeightEma]:
+    # BN running statistics are averaged too, so the EMA model evaluates as is.
+    return WeightEma(model, decay) if decay > 0 else None
 
 
-def _rank_rng_state(batches: TrainBatches, device: torch.device) -> Dict[str, Any]:
-    state = {"batches": batches.state_dict(), "torch": torch.get_rng_state()}
+def _rank_rng_state(device: torch.device) -> Dict[str, Any]:
+    # Augmentation draws follow from (seed, rank, epoch); dropout's come from these.
+    state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _restore_rank_rng_state(state: Dict[str, Any], batches: TrainBatches, device: torch.device) -> None:
-    batches.load_state_dict(state["batches"])
+def _restore_rank_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -140,6 +128,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         _refuse_to_overwrite(cfg, ctx)
         self.precision = resolve_precision(t.precision, ctx.device)
+        check_step_options(t, ctx.device, self.precision)
         seed_everything(cfg.seed)
         if ctx.device.type == "cuda":
             # Fixed input shapes: let cuDNN pick the fastest kernels once.
@@ -149,7 +138,7 @@ class Trainer:
         assert data.train is not None
         self.batches = batches = TrainBatches(data.train, cfg.augment, data.stats, t.batch_size, ctx.rank,
                                               ctx.world_size, cfg.seed, ctx.device,
-                                              num_workers=cfg.data.num_workers)
+                                              num_workers=cfg.data.num_workers, channels_last=t.channels_last)
         if batches.steps_per_epoch == 0:
             per_rank = len(batches.sampler)
             raise UserError(
@@ -173,10 +162,18 @@ class Trainer:
         # Stats and classes travel with every checkpoint so evaluation needs no training data.
         self.static = {"stats": asdict(data.stats), "classes": list(data.classes)}
 
-        self.ddp_model: nn.Module = model
+        stream = capture_stream(t, ctx.device)
+        ddp_model: nn.Module = model
         if ctx.is_distributed:
-            self.ddp_model = DistributedDataParallel(
-                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            # A step that will be captured needs DDP built on the stream it warms up on.
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                ddp_model = DistributedDataParallel(
+                    model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        self.step = TrainStep(ddp_model, self.optimizer, t, self.precision, ctx.device, self.state.global_step,
+                              ema=self.ema, scaler=self.scaler, bare_model=model, stream=stream)
+        self.plan = SyncPlan(every=t.log_every_steps, checkpoint_every=t.checkpoint_every_steps,
+                             stop_after=t.stop_after_steps, stop_on_nonfinite=t.on_nonfinite == "stop")
+        self.setup_seconds = 0.0
 
         self.logger = logger if logger is not None else make_logger(
             ctx.is_main, self.out_dir, t.progress_bar, eval_split=eval_split(cfg))
@@ -192,6 +189,7 @@ class Trainer:
             "steps/epoch": self.batches.steps_per_epoch, "train images": len(data.train),
             f"{eval_split(cfg)} images": len(data.test),
             "params": sum(p.numel() for p in self.model.parameters()), "augment": cfg.augment.backend,
+            "compile": cfg.train.compile, "cuda graph": cfg.train.cuda_graph,
         }
         self.logger.start(cfg.to_dict(), info, history=state.history)
         if state.global_step == 0 and ctx.is_main:
@@ -206,7 +204,7 @@ class Trainer:
     def save(self, is_best: bool = False) -> None:
         """Collective: every rank contributes its RNG state, rank 0 writes."""
         ctx = self.ctx
-        rank_states = ctx.gather_objects(_rank_rng_state(self.batches, ctx.device))
+        rank_states = ctx.gather_objects(_rank_rng_state(ctx.device))
         if ctx.is_main:
             payload = {
                 "model": self.model.state_dict(),
@@ -225,20 +223,23 @@ class Trainer:
                                             self.t.keep_checkpoints, is_best)]
         ctx.barrier()
 
-    def _on_step(self, st: TrainState, scalars: Dict[str, Any]) -> None:
+    def _on_sync(self, st: TrainState, read: Dict[str, float]) -> bool:
+        """At the sync steps only (engine.SyncPlan): log, checkpoint, and decide whether to stop."""
         t = self.t
         _inject_test_fault(st.global_step, self.ctx.rank)
         if st.global_step % t.log_every_steps == 0:
-            self.logger.step(st.global_step, {"train/step_loss": float(scalars["loss"].detach()),
-                                              "lr": scalars["lr"]})
+            self.logger.step(st.global_step, {"train/step_loss": read["loss"],
+                                              "lr": self.lr_for_step(st.global_step - 1)})
         if t.checkpoint_every_steps and st.global_step % t.checkpoint_every_steps == 0 \
                 and st.step_in_epoch < self.batches.steps_per_epoch:
             self.save()
+        return self._should_stop()
 
     def _should_stop(self) -> bool:
         t = self.t
         if t.stop_after_steps and self.state.global_step >= t.stop_after_steps:
             return True  # the same on every rank: no need to ask the others
+        # Signals reach the ranks at different steps: they agree at this sync step.
         flag = torch.tensor(1 if self.stop.received is not None else 0, device=self.ctx.device)
         return bool(self.ctx.max(flag))
 
@@ -253,20 +254,24 @@ class Trainer:
         epoch = state.epoch
         augment = epoch < t.epochs - self.cfg.augment.plain_last_epochs
         start_step = state.step_in_epoch
-        # Inside an epoch the random streams were restored from the checkpoint.
-        batches.set_epoch(epoch, augment=augment, reseed=start_step == 0)
+        batches.set_epoch(epoch, augment=augment)
+        # Inside an epoch the dropout stream was restored from the checkpoint.
         if start_step == 0:
             torch.manual_seed(epoch_seed(self.cfg.seed, self.ctx.rank, epoch) + 1)
         stream = self.logger.progress(batches.iterate(start_step), total=batches.steps_per_epoch,
                                       desc=f"epoch {epoch + 1}/{t.epochs}", initial=start_step)
         try:
-            return train_one_epoch(self.ddp_model, stream, self.optimizer, self.lr_for_step, state, t, self.ctx,
-                                   self.precision, scaler=self.scaler, ema=self.ema, on_step=self._on_step,
-                                   should_stop=self._should_stop)
+            metrics = train_one_epoch(self.step, stream, self.lr_for_step, state, self.plan, self.ctx,
+                                      on_sync=self._on_sync)
         except NonFiniteLoss as exc:
             good = self.last_saved[0] if self.last_saved else self.resume_path
             raise NonFiniteLoss(f"{exc}; last good checkpoint: {good or 'none yet'} "
                                 "(continue from it with train.resume=auto)") from None
+        if metrics.setup_seconds:
+            self.setup_seconds += metrics.setup_seconds
+            self.logger.message(f"compiling/capturing the step took {metrics.setup_seconds:.1f}s "
+                                "(not counted in the epoch's time)")
+        return metrics
 
     def _evaluate(self, metrics) -> Dict[str, Any]:
         t, ctx, state = self.t, self.ctx, self.state
@@ -316,7 +321,7 @@ class Trainer:
                 state.history.append({k: v for k, v in row.items()} | {"epoch": state.epoch})
                 self.logger.epoch(state.epoch, t.epochs, row)
                 self.save(is_best=is_best)
-                if state.epoch < t.epochs and self._should_stop():
+                if state.epoch < t.epochs and (metrics.stop_requested or self._should_stop()):
                     self._interrupt()
         return self._finish()
 
@@ -335,6 +340,7 @@ class Trainer:
         digests = self.ctx.gather_objects(weights_digest(self.model))
         # The keys say test_ for both splits (a stable interface); `evaluated_on` says which.
         return {**final, "evaluated_on": eval_split(self.cfg), "epochs": self.state.epoch,
+                "setup_seconds": round(self.setup_seconds, 2),
                 "global_step": self.state.global_step, "world_size": self.ctx.world_size, "replica_digests": digests,
                 "per_class_accuracy": self.last_eval.per_class_accuracy if self.last_eval else None}
 
@@ -451,13 +457,10 @@ def _resume(path: Path, cfg: Config, ctx: DistContext, model: nn.Module, ema: Op
         done_images = state.step_in_epoch * old_batch
         state.step_in_epoch = min(done_images // new_batch, batches.steps_per_epoch - 1) if done_images else 0
         state.global_step = state.epoch * batches.steps_per_epoch + state.step_in_epoch
-        if state.step_in_epoch:
-            batches.set_epoch(state.epoch)
         return
     if state.step_in_epoch:
-        batches.set_epoch(state.epoch)
-        _restore_rank_rng_state(payload["rank_rng"][ctx.rank], batches, ctx.device)
-    # At an epoch boundary set_epoch re-derives every random stream from (seed, rank, epoch).
+        _restore_rank_rng_state(payload["rank_rng"][ctx.rank], ctx.device)
+    # At an epoch boundary every random stream is re-derived from (seed, rank, epoch).
 
 
 __all__ = ["run", "Trainer", "Preempted", "build_training_model", "class_names"]

@@ -4,7 +4,9 @@ Training: a DistributedSampler (shuffled, re-seeded each epoch by `set_epoch`)
 splits the training split between ranks; incomplete last batches are dropped
 so every rank takes the same number of steps. Randomness of augmentation is
 seeded from (seed, rank, epoch): different on every rank, reproducible, and
-saved in checkpoints so a run resumed mid-epoch draws the same numbers.
+the same for a run resumed inside the epoch. The tensor backend augments the
+rank's whole epoch at once, in large chunks on the device (airbench's way), and
+then hands out slices: a step costs no augmentation kernels at all.
 
 Evaluation: rank r takes images r, r + W, r + 2W, ... - no padding, so summed
 counts over ranks are exact for any world size.
@@ -12,7 +14,7 @@ counts over ranks are exact for any world size.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple
+from typing import Iterator, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +25,10 @@ from .sources import ChannelStats, ImageSplit
 from .transforms import BatchAugment, albumentations_train, normalize_batch
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+
+# Images augmented per kernel launch when a whole epoch is prepared: large enough that
+# launches do not matter on a GPU, small enough to keep intermediates at ~100 MB.
+AUGMENT_CHUNK = 8192
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -35,7 +41,7 @@ class TrainBatches:
 
     def __init__(self, split: ImageSplit, augment: AugmentConfig, stats: ChannelStats,
                  batch_size: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, num_workers: int = 0) -> None:
+                 device: torch.device, num_workers: int = 0, channels_last: bool = False) -> None:
         self.split = split
         self.augment_cfg = augment
         self.stats = stats
@@ -44,6 +50,7 @@ class TrainBatches:
         self.seed = seed
         self.device = device
         self.num_workers = num_workers
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=seed, drop_last=False)
         self.steps_per_epoch = len(self.sampler) // batch_size
@@ -57,45 +64,50 @@ class TrainBatches:
         else:
             self.generator = torch.Generator()
 
-    def set_epoch(self, epoch: int, augment: bool = True, reseed: bool = True) -> None:
-        """Select the epoch's shuffle. `reseed=False` keeps the augmentation generator
-        as it is: a run resumed inside an epoch has just restored its saved state."""
+    def set_epoch(self, epoch: int, augment: bool = True) -> None:
+        """Select the epoch's shuffle and random draws: both follow from (seed, rank, epoch)
+        alone, so a run resumed inside an epoch needs no saved generator state."""
         self.epoch = epoch
         self.augment_enabled = augment
         self.sampler.set_epoch(epoch)
-        if reseed:
-            self.generator.manual_seed(epoch_seed(self.seed, self.rank, epoch))
+        self.generator.manual_seed(epoch_seed(self.seed, self.rank, epoch))
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"])
-
-    def _indices(self, start_step: int) -> torch.Tensor:
+    def _indices(self) -> torch.Tensor:
         indices = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
-        used = self.steps_per_epoch * self.batch_size
-        return indices[start_step * self.batch_size:used]
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.iterate(start_step=0)
+        return indices[:self.steps_per_epoch * self.batch_size]
 
     def iterate(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches of this epoch from `start_step` on (for resuming inside an epoch)."""
-        indices = self._indices(start_step)
+        indices = self._indices()
         if self.augment_cfg.backend == "tensor":
-            yield from self._tensor_batches(indices)
+            yield from self._tensor_batches(indices, start_step)
         else:
-            yield from self._albumentations_batches(indices)
+            yield from self._albumentations_batches(indices[start_step * self.batch_size:])
 
-    def _tensor_batches(self, indices: torch.Tensor) -> Iterator[Batch]:
+    def _tensor_batches(self, indices: torch.Tensor, start_step: int) -> Iterator[Batch]:
+        images, labels = self.epoch_tensors(indices)
+        for step in range(start_step, self.steps_per_epoch):
+            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            yield images[batch], labels[batch]
+
+    def epoch_tensors(self, indices: torch.Tensor) -> Batch:
+        """The epoch's images, augmented (or only normalized), in the order given, as one
+        (N, 3, H, W) tensor. The random parameters of all N images are drawn at once, so the
+        chunking below changes nothing but memory use; a resumed run recomputes the whole
+        epoch and starts at its step."""
         indices = indices.to(self.device)
-        for batch in indices.split(self.batch_size):
-            images, labels = self.images[batch], self.labels[batch]
-            if self.augment_enabled:
-                yield self.batch_augment(images, self.generator), labels
+        n = len(indices)
+        _, height, width, _ = self.images.shape
+        params = self.batch_augment.sample(n, height, width, self.generator) if self.augment_enabled else None
+        out = torch.empty((n, 3, height, width), device=self.device).contiguous(memory_format=self.memory_format)
+        for start in range(0, n, AUGMENT_CHUNK):
+            part = slice(start, start + AUGMENT_CHUNK)
+            uint8 = self.images[indices[part]]
+            if params is None:
+                out[part] = normalize_batch(uint8, self.stats)
             else:
-                yield normalize_batch(images, self.stats), labels
+                out[part] = self.batch_augment.apply(uint8, {k: v[part] for k, v in params.items()})
+        return out, self.labels[indices]
 
     def _albumentations_batches(self, indices: torch.Tensor) -> Iterator[Batch]:
         dataset = AlbumentationsDataset(self.split, self.augment_cfg, self.stats, self.augment_enabled)

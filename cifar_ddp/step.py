@@ -1,0 +1,219 @@
+"""One training step that never waits on the host: forward, loss, backward (with DDP's
+all-reduce), the optimizer update, EMA and the running metrics all stay on the device.
+
+Why it is built this way:
+- The learning rate is a 0-dim tensor on the device that every parameter group points
+  to; the host writes the next value into it (`set_lr`, a fill, not a read). Fused
+  optimizers read it inside their kernel, so a compiled or captured step picks up
+  each new value without recompiling or recapturing.
+- A non-finite step is detected from the *all-reduced* gradients, so every rank
+  reaches the same verdict without another collective, and the update is masked on
+  the device (the fused optimizer's `found_inf`), never applied. The host learns
+  about it at the next sync step (`TrainStep.read`).
+- With `cuda_graph`, after `GRAPH_WARMUP_STEPS` eager steps (real steps, on a side
+  stream, as DDP needs before capture) the whole step is captured once and then
+  replayed: one launch per step instead of a few hundred. The batch is copied into
+  fixed input buffers; every tensor the step touches keeps its address, so metrics
+  and counters are reset in place, never reallocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .ema import WeightEma
+from .errors import UserError
+
+# DDP needs 11 eager iterations before its backward can be captured (PyTorch's CUDA
+# graphs notes); the same warm-up also lets cuDNN pick its kernels.
+GRAPH_WARMUP_STEPS = 11
+
+
+def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    # A captured graph must not reuse autocast's cast cache across replays.
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+def check_step_options(cfg: TrainConfig, device: torch.device, precision: str) -> None:
+    if cfg.cuda_graph and device.type != "cuda":
+        raise UserError("train.cuda_graph=true needs a CUDA GPU; on CPU leave it false (train.compile=on is the "
+                        "CPU's option)")
+    if cfg.cuda_graph and precision == "fp16":
+        raise UserError("train.cuda_graph=true does not work with fp16's GradScaler; use train.precision=bf16 "
+                        "or fp32, or train.cuda_graph=false")
+
+
+def capture_stream(cfg: TrainConfig, device: torch.device):
+    """The side stream DDP must be built on, and warm up on, when the step is captured."""
+    if cfg.cuda_graph and device.type == "cuda":
+        return torch.cuda.Stream(device)
+    return None
+
+
+class TrainStep:
+    """Call with a batch to train on it. `read()` is the only host read."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, precision: str,
+                 device: torch.device, first_step: int, ema: Optional[WeightEma] = None,
+                 scaler: Optional[torch.amp.GradScaler] = None, bare_model: Optional[nn.Module] = None,
+                 stream: Optional["torch.cuda.Stream"] = None) -> None:
+        self.model = torch.compile(model, dynamic=False) if cfg.compile == "on" else model
+        self.bare_model = bare_model if bare_model is not None else model
+        self.optimizer, self.ema, self.scaler = optimizer, ema, scaler
+        self.precision, self.device = precision, device
+        self.label_smoothing = cfg.label_smoothing
+        self.cuda_graph = cfg.cuda_graph
+        self.stream = stream
+        self.params = [p for p in self.bare_model.parameters() if p.requires_grad]
+
+        zeros = dict(device=device, dtype=torch.int64)
+        self.lr = torch.zeros((), device=device, dtype=torch.float32)
+        self.found_inf = torch.zeros((), device=device, dtype=torch.float32)
+        self.step_count = torch.full((), first_step, **zeros)       # device copy of global_step
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), **zeros)
+        self.seen = torch.zeros((), **zeros)
+        self.last_loss = torch.zeros((), device=device, dtype=torch.float32)
+        self.nonfinite_steps = torch.zeros((), **zeros)
+        self.first_nonfinite_step = torch.full((), -1, **zeros)
+        self.scaler_skipped = torch.zeros((), **zeros)
+        _point_at_device_lr(optimizer, self.lr)
+
+        self.graph: Optional["torch.cuda.CUDAGraph"] = None
+        self.static_images: Optional[torch.Tensor] = None
+        self.static_labels: Optional[torch.Tensor] = None
+        self.eager_steps = 0
+        self.setup_seconds = 0.0   # compiling and capturing, kept out of training time
+
+    # ------------------------------------------------------------- host side
+
+    def set_lr(self, lr: float) -> None:
+        self.lr.fill_(lr)
+
+    def reset_metrics(self) -> None:
+        for tensor in (self.loss_sum, self.correct, self.seen):
+            tensor.zero_()
+
+    def metrics(self) -> torch.Tensor:
+        """(loss sum, correct, seen) of the steps since `reset_metrics`, still on the device."""
+        return torch.stack([self.loss_sum, self.correct.double(), self.seen.double()])
+
+    def read(self) -> Dict[str, float]:
+        """The one host read (a sync point): the last loss, and non-finite / scaler-skipped
+        steps since the previous read (their counters restart at 0)."""
+        packed = torch.stack([self.last_loss.double(), self.nonfinite_steps.double(),
+                              self.first_nonfinite_step.double(), self.scaler_skipped.double()]).tolist()
+        for counter in (self.nonfinite_steps, self.scaler_skipped):
+            counter.zero_()
+        self.first_nonfinite_step.fill_(-1)
+        return {"loss": packed[0], "nonfinite_steps": int(packed[1]), "first_nonfinite_step": int(packed[2]),
+                "scaler_skipped_steps": int(packed[3])}
+
+    # ------------------------------------------------------------- the step
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.graph is not None:
+            self.static_images.copy_(images)
+            self.static_labels.copy_(labels)
+            self.graph.replay()
+            return
+        capture_now = self.cuda_graph and self.eager_steps == GRAPH_WARMUP_STEPS
+        # Set-up steps, timed apart from training: the first call of a compiled model
+        # compiles it; the capture step records the graph.
+        setup = capture_now or (self.eager_steps == 0 and self.model is not self.bare_model)
+        started = time.perf_counter()
+        if capture_now:
+            self._capture(images, labels)
+            self.graph.replay()
+        elif self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                self._step(images, labels)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        else:
+            self._step(images, labels)
+        self.eager_steps += 1
+        if setup:
+            _synchronize(self.device)  # once or twice per run, not in the steady state
+            self.setup_seconds += time.perf_counter() - started
+
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_images = images.clone()
+        self.static_labels = labels.clone()
+        self.optimizer.zero_grad(set_to_none=True)
+        _synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            self._step(self.static_images, self.static_labels)
+        self.graph = graph
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        with autocast(self.device, self.precision, cache_enabled=not self.cuda_graph):
+            logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        # Captured steps keep their gradient tensors (and their addresses) from replay to replay.
+        self.optimizer.zero_grad(set_to_none=not self.cuda_graph)
+        if self.scaler is not None:
+            # fp16: the GradScaler masks overflowing steps itself, on the device (fused optimizers).
+            scale = self.scaler._get_scale_async()
+            before = scale.clone()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler._get_scale_async() < before
+            self.scaler_skipped.add_(skipped.long())
+            bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        else:
+            loss.backward()
+            # After backward, DDP has averaged the gradients: every rank sees the same norm.
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            bad = ~torch.isfinite(norm)
+            self.found_inf.copy_(bad.float())
+            self.optimizer.found_inf = self.found_inf
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.bare_model, skip=bad)
+        good = ~bad
+        detached = loss.detach()
+        self.last_loss.copy_(detached)
+        self.loss_sum.add_(torch.where(good, detached.double() * labels.numel(), 0.0))
+        hits = (logits.detach().argmax(1) == labels).sum()
+        self.correct.add_(torch.where(good, hits, 0))
+        self.seen.add_(good.long() * labels.numel())
+        self.step_count.add_(1)
+        self.nonfinite_steps.add_(bad.long())
+        first = (self.first_nonfinite_step < 0) & bad
+        self.first_nonfinite_step.copy_(torch.where(first, self.step_count, self.first_nonfinite_step))
+
+
+def _point_at_device_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> None:
+    """Every parameter group reads the one device LR tensor. SGD's momentum buffers start
+    at zero (for dampening 0 this is exactly PyTorch's first step, buffer = gradient), so
+    that a masked first step leaves no uninitialized buffer and nothing is allocated
+    inside a captured step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if isinstance(optimizer, torch.optim.SGD) and group.get("momentum", 0) != 0:
+            for param in group["params"]:
+                state = optimizer.state[param]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = ["TrainStep", "GRAPH_WARMUP_STEPS", "autocast", "capture_stream", "check_step_options"]
