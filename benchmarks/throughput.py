@@ -1,22 +1,31 @@
 #!/usr/bin/env python
-"""Training throughput (images/s), measured in one run on this machine, same model and batch:
+"""Training throughput (images/s), every path measured in one run on the same device
+(the GPU when there is one, else the CPU), same model and batch:
 
-  (1) naive    - the usual way: a Dataset applying the albumentations pipeline per image
-                 in a DataLoader, fp32, eager, contiguous memory, loss.item() every step
-  (2) default  - cifar_ddp's default single-process path: uint8 data in memory, batched
-                 augmentation on the device, autocast (bf16 where supported), channels_last
-  (3) ddp      - (2) under `torchrun --nproc_per_node 2` (gloo on CPU), one thread each
+  (1) naive     - the usual loop: a Dataset applying the albumentations pipeline per image
+                  in DataLoader workers (one per core), fp32, eager, contiguous memory,
+                  model on the device, loss.item() every step
+  (2) default   - cifar_ddp's default single-process path: uint8 data in device memory,
+                  the epoch augmented at once on the device, autocast (bf16 where the
+                  hardware has it), channels_last, fused SGD, no host sync per step
+  (3) compiled  - (2) with train.compile=true, plus train.cuda_graph=true on a GPU
+                  (compile/capture time is excluded: it is spent in the untimed warm-up)
+  (4) ddp       - (2) under `torchrun --nproc_per_node 2` (gloo on CPU, one thread each;
+                  nccl on GPUs): only where there are two devices, else skipped and said why
 
-Last line: speedup_vs_naive=(2)/(1) ddp_efficiency=(3)/(2).
+Last line: speedup_vs_naive=(2)/(1) compiled_vs_default=(3)/(2) ddp_efficiency=(4)/(2)
+("skipped" for a path not measured).
 
     python benchmarks/throughput.py --quick
     python benchmarks/throughput.py --data-root /tmp/cifar10-jpeg     # real images instead of fake
     python benchmarks/throughput.py --set model.dropout=0             # any config override
+    python benchmarks/throughput.py --batch-size 512 --skip naive     # GPU recipe's batch
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -27,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# The DataLoader workers of the naive path import albumentations: no update check.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -35,9 +46,10 @@ from cifar_ddp.config import load_config  # noqa: E402
 from cifar_ddp.data.loaders import AlbumentationsDataset, TrainBatches  # noqa: E402
 from cifar_ddp.data.sources import load_dataset  # noqa: E402
 from cifar_ddp.distributed import init_distributed, shutdown  # noqa: E402
-from cifar_ddp.engine import TrainState, resolve_precision, train_one_epoch  # noqa: E402
+from cifar_ddp.engine import SyncPlan, TrainState, resolve_precision, train_one_epoch  # noqa: E402
 from cifar_ddp.models import build_model  # noqa: E402
 from cifar_ddp.optim import build_optimizer  # noqa: E402
+from cifar_ddp.step import GRAPH_WARMUP_STEPS, TrainStep, capture_stream  # noqa: E402
 from cifar_ddp.trainer import build_training_model  # noqa: E402
 
 
@@ -52,12 +64,14 @@ def make_config(args: argparse.Namespace, extra=()):
 
 def measure_naive(args: argparse.Namespace) -> float:
     cfg = make_config(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = load_dataset(cfg.data, seed=0, classes=tuple(f"c{i}" for i in range(10))) if not args.data_root \
         else load_dataset(cfg.data)
     dataset = AlbumentationsDataset(data.train, cfg.augment, data.stats)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.naive_workers, persistent_workers=args.naive_workers > 0)
-    model = build_model(cfg)
+                                         num_workers=args.naive_workers, persistent_workers=args.naive_workers > 0,
+                                         pin_memory=device.type == "cuda")
+    model = build_model(cfg).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
@@ -67,6 +81,7 @@ def measure_naive(args: argparse.Namespace) -> float:
             started, seen = time.perf_counter(), 0
         if step == args.warmup + args.steps:
             break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
         optimizer.zero_grad()
         loss.backward()
@@ -76,36 +91,55 @@ def measure_naive(args: argparse.Namespace) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def measure_cifar_ddp(args: argparse.Namespace) -> float:
+def measure_cifar_ddp(args: argparse.Namespace, extra=()) -> float:
     """cifar_ddp's own step, as the trainer runs it; images/s summed over all ranks."""
-    cfg = make_config(args)
+    cfg = make_config(args, extra)
     ctx = init_distributed("auto")
     try:
         classes = None if args.data_root else tuple(f"c{i}" for i in range(10))
         data = load_dataset(cfg.data, seed=0, **({"classes": classes} if classes else {}))
         batches = TrainBatches(data.train, cfg.augment, data.stats, cfg.train.batch_size, ctx.rank,
-                               ctx.world_size, 0, ctx.device)
+                               ctx.world_size, 0, ctx.device, channels_last=cfg.train.channels_last)
+        if ctx.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         model = build_training_model(cfg, ctx)
-        if ctx.is_distributed:
-            model = torch.nn.parallel.DistributedDataParallel(model)
         optimizer = build_optimizer(model, cfg.train, 0.05)
+        stream = capture_stream(cfg.train, ctx.device)
+        wrapped = model
+        if ctx.is_distributed:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                wrapped = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         precision = resolve_precision(cfg.train.precision, ctx.device)
+        step = TrainStep(wrapped, optimizer, cfg.train, precision, ctx.device, 0, bare_model=model, stream=stream)
 
-        def stream(count: int):
-            epochs = itertools.count()
-            def endless():
-                for epoch in epochs:
-                    batches.set_epoch(epoch)
-                    yield from batches.iterate()
-            return itertools.islice(endless(), count)
+        def endless():
+            for epoch in itertools.count():
+                batches.set_epoch(epoch)
+                yield from batches.iterate()
 
-        state = TrainState()
-        train_one_epoch(model, stream(args.warmup), optimizer, lambda s: 0.05, state, cfg.train, ctx, precision)
-        metrics = train_one_epoch(model, stream(args.steps), optimizer, lambda s: 0.05, state, cfg.train, ctx,
-                                  precision)
+        # One continuous stream, timed over whole epochs: an epoch's augmentation is done
+        # at its start, so a window must hold whole epochs to be charged its fair share.
+        # Compiling and capturing happen in the warm-up, which is not timed.
+        per_epoch = batches.steps_per_epoch
+        warmup = max(args.warmup, GRAPH_WARMUP_STEPS + 2) if cfg.train.cuda_graph else args.warmup
+        warmup, timed = (-(-count // per_epoch) * per_epoch for count in (warmup, args.steps))
+        stream, plan, state = endless(), SyncPlan(every=10**9), TrainState()
+        train_one_epoch(step, itertools.islice(stream, warmup), lambda s: 0.05, state, plan, ctx)
+        metrics = train_one_epoch(step, itertools.islice(stream, timed), lambda s: 0.05, state, plan, ctx)
         return metrics.images_per_second
     finally:
         shutdown(ctx)
+
+
+def compiled_overrides() -> list:
+    return ["train.compile=true"] + (["train.cuda_graph=true"] if torch.cuda.is_available() else [])
+
+
+def ddp_skip_reason() -> str:
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        return f"only {torch.cuda.device_count()} GPU here; DDP over 2 ranks needs 2"
+    return ""
 
 
 def measure_ddp(args: argparse.Namespace) -> float:
@@ -125,15 +159,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="per process (default %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first")
-    parser.add_argument("--images", type=int, default=8192, help="fake images when no --data-root")
+    parser.add_argument("--images", type=int, default=None,
+                        help="fake images when no --data-root (default 8192; 2048 with --quick)")
     parser.add_argument("--data-root", default="", help="an image-folder tree (data.source=folder)")
     parser.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers of the naive path")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for all three paths, e.g. --set model.dropout=0")
+    parser.add_argument("--skip", action="append", default=[], choices=["naive", "compiled", "ddp"],
+                        help="leave a path out (its ratio then prints as skipped)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps is None:
         args.steps = 8 if args.quick else 60
+    if args.images is None:
+        args.images = 2048 if args.quick else 8192
     if args.warmup is None:
         # The first steps of a process pay for allocator growth and kernel selection;
         # 20 steps get past that, so the figure is closer to a real epoch's speed.
@@ -145,16 +184,30 @@ def main() -> None:
             print(json.dumps({"images_per_s": result}), flush=True)
         return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, device: {device}, batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup}, data: {args.data_root or 'fake'}"
           + (f", overrides: {' '.join(args.set)}" if args.set else ""), flush=True)
-    naive = measure_naive(args)
-    print(f"(1) naive baseline (albumentations DataLoader, fp32): {naive:8.1f} images/s", flush=True)
     default = measure_cifar_ddp(args)
-    print(f"(2) cifar_ddp default, 1 process:                     {default:8.1f} images/s", flush=True)
-    ddp = measure_ddp(args)
-    print(f"(3) cifar_ddp, torchrun --nproc_per_node 2:           {ddp:8.1f} images/s", flush=True)
-    print(f"speedup_vs_naive={default / naive:.2f} ddp_efficiency={ddp / default:.2f}")
+    print(f"(2) cifar_ddp default, 1 process:                     {default:10.1f} images/s", flush=True)
+    ratios = {"speedup_vs_naive": "skipped", "compiled_vs_default": "skipped", "ddp_efficiency": "skipped"}
+    if "naive" not in args.skip:
+        naive = measure_naive(args)
+        print(f"(1) naive baseline (albumentations DataLoader, fp32): {naive:10.1f} images/s", flush=True)
+        ratios["speedup_vs_naive"] = f"{default / naive:.2f}"
+    if "compiled" not in args.skip:
+        extra = compiled_overrides()
+        compiled = measure_cifar_ddp(args, extra)
+        print(f"(3) cifar_ddp, {' '.join(extra)}: {compiled:10.1f} images/s", flush=True)
+        ratios["compiled_vs_default"] = f"{compiled / default:.2f}"
+    reason = ddp_skip_reason()
+    if "ddp" not in args.skip and not reason:
+        ddp = measure_ddp(args)
+        print(f"(4) cifar_ddp, torchrun --nproc_per_node 2:           {ddp:10.1f} images/s", flush=True)
+        ratios["ddp_efficiency"] = f"{ddp / default:.2f}"
+    elif reason:
+        print(f"(4) ddp skipped: {reason}", flush=True)
+    print(" ".join(f"{k}={v}" for k, v in ratios.items()))
 
 
 if __name__ == "__main__":

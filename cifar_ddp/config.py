@@ -120,9 +120,9 @@ class TrainConfig:
     # checkpoint steps): the step loss is logged, and a signal, a non-finite loss or
     # stop_after_steps is acted on. A stop lands at most this many steps late.
     log_every_steps: int = 50
-    # "on": torch.compile (inductor) the model's forward and backward; "off": eager.
-    # The first steps pay for compiling (reported apart from training time).
-    compile: Literal["off", "on"] = "off"
+    # torch.compile (inductor) the model's forward and backward. The first step pays for
+    # compiling (reported apart from training time).
+    compile: bool = False
     # CUDA only: capture the whole step (forward, loss, backward, all-reduce, optimizer,
     # EMA, metrics) as one CUDA graph after a few eager warm-up steps, and replay it.
     cuda_graph: bool = False

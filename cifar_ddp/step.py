@@ -46,8 +46,7 @@ def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
 
 def check_step_options(cfg: TrainConfig, device: torch.device, precision: str) -> None:
     if cfg.cuda_graph and device.type != "cuda":
-        raise UserError("train.cuda_graph=true needs a CUDA GPU; on CPU leave it false (train.compile=on is the "
-                        "CPU's option)")
+        raise UserError("train.cuda_graph=true needs a CUDA GPU; on CPU leave it false (train.compile=true works there)")
     if cfg.cuda_graph and precision == "fp16":
         raise UserError("train.cuda_graph=true does not work with fp16's GradScaler; use train.precision=bf16 "
                         "or fp32, or train.cuda_graph=false")
@@ -67,7 +66,7 @@ class TrainStep:
                  device: torch.device, first_step: int, ema: Optional[WeightEma] = None,
                  scaler: Optional[torch.amp.GradScaler] = None, bare_model: Optional[nn.Module] = None,
                  stream: Optional["torch.cuda.Stream"] = None) -> None:
-        self.model = torch.compile(model, dynamic=False) if cfg.compile == "on" else model
+        self.model = torch.compile(model, dynamic=False) if cfg.compile else model
         self.bare_model = bare_model if bare_model is not None else model
         self.optimizer, self.ema, self.scaler = optimizer, ema, scaler
         self.precision, self.device = precision, device
@@ -153,7 +152,8 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         _synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
+        # thread_local: a DataLoader thread pinning memory meanwhile must not break the capture.
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             self._step(self.static_images, self.static_labels)
         self.graph = graph
 

@@ -111,3 +111,12 @@ def test_accelerate_launch_starts_two_processes(tmp_path: Path):
     done = run_job(argv)
     check_two_identical_replicas(done)
     assert ckpt.load_file(ckpt.checkpoint_dir(tmp_path / "run") / "last.pt")["world_size"] == 2
+
+
+def test_torchrun_with_one_process_still_forms_a_process_group(tmp_path: Path):
+    """As torchvision's references do: under a launcher the DDP path runs even alone, so a
+    one-GPU machine exercises what a cluster runs (here gloo; nccl on a GPU)."""
+    done = run_job(torchrun(1, tiny_overrides(tmp_path / "run", **{"train.epochs": 1})))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "backend: gloo" in done.stdout
+    assert final_line(done.stdout)["world_size"] == 1

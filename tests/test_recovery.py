@@ -19,10 +19,10 @@ from conftest import (JOB_TIMEOUT_S, REPO, assert_bitwise_equal, final_weights, 
 
 @pytest.mark.slow
 def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes(tmp_path: Path):
-    # 161 images over 2 ranks, batch 16: 5 steps per epoch. Rank 1 dies after step 8;
-    # the newest checkpoint is step 6, inside epoch 2.
+    # 161 images over 2 ranks, batch 16: 5 steps per epoch. Rank 1 dies after step 8 (the
+    # fault is injected at sync steps: every step here); the newest checkpoint is step 6.
     settings = {"data.fake_size": 161, "train.epochs": 3, "train.checkpoint_every_steps": 3,
-                "train.keep_checkpoints": 5}
+                "train.keep_checkpoints": 5, "train.log_every_steps": 1}
     straight = run_job(torchrun(2, tiny_overrides(tmp_path / "straight", **settings)))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -151,6 +151,7 @@ def test_nan_loss_is_skipped_when_asked(tmp_path: Path, nan_at_step_3):
     (["train.epochs=0"], "train.epochs is 0"),
     (["train.batch_size=500"], "larger than the 96 training images"),
     (["train.precision=fp16"], "fp16 needs a CUDA GPU"),
+    (["train.cuda_graph=true"], "cuda_graph=true needs a CUDA GPU"),
 ])
 def test_bad_input_stops_before_any_output(tmp_path: Path, overrides, message):
     out = tmp_path / "run"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one run, each step bounded in time so one hang
+# cannot eat the rest. Logs and small result files go to $OUT (default /tmp/gpu_check).
+#
+#   bash benchmarks/gpu_check.sh [DATA_DIR]        # DATA_DIR: the JPEG CIFAR-10 folders
+#
+# On the lent device machine (see ../shared/device/README.md): put the wheels and the data
+# zip in .dev/ (git-ignored), carry .dev, and run this script; it installs the wheels into
+# /tmp/site and unpacks the zip to DATA_DIR when they are there.
+#
+# 1. the GPU tests (tests/test_gpu.py: captured step vs eager, no host sync in the steady
+#    state, torchrun --nproc_per_node 1 on nccl, with and without the captured step);
+# 2. the 20-epoch GPU recipe (configs/fast85_gpu.yaml) on the test split, timed end to end;
+# 3. benchmarks/throughput.py at the recipe's batch (512) and at fast85's (128);
+# 4. fast85 itself with train.cuda_graph=true, against the issue's eager 3.3 s/epoch;
+# 5. the whole test suite on the GPU machine.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
+DATA=${1:-/tmp/cifar10-jpeg}
+if ls .dev/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+if [ ! -d "$DATA/train" ] && [ -f .dev/cifar10-jpeg.zip ]; then
+  python3 -m zipfile -e .dev/cifar10-jpeg.zip "$DATA"   # holds train/ and test/
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/device.txt"
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record status and seconds
+  local name=$1 limit=$2; shift 2
+  local started=$(date +%s.%N)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local status=$?
+  local seconds=$(python3 -c "import time; print(round(time.time() - $started, 1))")
+  echo "$name: exit $status, ${seconds}s wall" | tee -a "$OUT/summary.txt"
+  tail -n 4 "$OUT/$name.log"
+}
+
+step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step fast85_gpu 150 python3 launch/train.py --config configs/fast85_gpu.yaml data.root="$DATA" \
+  out_dir=/tmp/runs/fast85_gpu train.progress_bar=false
+cp /tmp/runs/fast85_gpu/training_log.md "$OUT/fast85_gpu_training_log.md" 2>/dev/null
+step throughput_512 240 python3 benchmarks/throughput.py --batch-size 512 --steps 200 --naive-workers 8
+step throughput_128 180 python3 benchmarks/throughput.py --batch-size 128 --steps 200 --skip naive
+step fast85_cuda_graph 150 python3 launch/train.py --config configs/fast85.yaml data.root="$DATA" \
+  out_dir=/tmp/runs/fast85_graph train.progress_bar=false train.cuda_graph=true train.epochs=5 augment.plain_last_epochs=1
+step suite 240 python3 -m pytest -q -x -p no:cacheprovider -m "not slow"
+cat "$OUT/summary.txt"
