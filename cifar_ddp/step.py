@@ -66,6 +66,7 @@ class TrainStep:
                  device: torch.device, first_step: int, ema: Optional[WeightEma] = None,
                  scaler: Optional[torch.amp.GradScaler] = None, bare_model: Optional[nn.Module] = None,
                  stream: Optional["torch.cuda.Stream"] = None) -> None:
+        self.compiled = cfg.compile
         self.model = torch.compile(model, dynamic=False) if cfg.compile else model
         self.bare_model = bare_model if bare_model is not None else model
         self.optimizer, self.ema, self.scaler = optimizer, ema, scaler
@@ -129,7 +130,7 @@ class TrainStep:
         capture_now = self.cuda_graph and self.eager_steps == GRAPH_WARMUP_STEPS
         # Set-up steps, timed apart from training: the first call of a compiled model
         # compiles it; the capture step records the graph.
-        setup = capture_now or (self.eager_steps == 0 and self.model is not self.bare_model)
+        setup = capture_now or (self.eager_steps == 0 and self.compiled)
         started = time.perf_counter()
         if capture_now:
             self._capture(images, labels)
@@ -198,12 +199,13 @@ class TrainStep:
 
 
 def _point_at_device_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> None:
-    """Every parameter group reads the one device LR tensor. SGD's momentum buffers start
-    at zero (for dampening 0 this is exactly PyTorch's first step, buffer = gradient), so
-    that a masked first step leaves no uninitialized buffer and nothing is allocated
-    inside a captured step."""
+    """Every parameter group reads the one device LR tensor, with the fused kernels (a
+    checkpoint written by an older version carries foreach=True in its groups, and loading
+    it would bring that back). SGD's momentum buffers start at zero (for dampening 0 this
+    is exactly PyTorch's first step, buffer = gradient), so that a masked first step leaves
+    no uninitialized buffer and nothing is allocated inside a captured step."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group.update(lr=lr, fused=True, foreach=False)
         if isinstance(optimizer, torch.optim.SGD) and group.get("momentum", 0) != 0:
             for param in group["params"]:
                 state = optimizer.state[param]
