@@ -87,7 +87,7 @@ class TrainStep:
         self.nonfinite_steps = torch.zeros((), **zeros)
         self.first_nonfinite_step = torch.full((), -1, **zeros)
         self.scaler_skipped = torch.zeros((), **zeros)
-        _point_at_device_lr(optimizer, self.lr)
+        _point_at_device_lr(optimizer, self.lr, capturable=cfg.cuda_graph)
 
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
         self.static_images: Optional[torch.Tensor] = None
@@ -198,14 +198,17 @@ class TrainStep:
         self.first_nonfinite_step.copy_(torch.where(first, self.step_count, self.first_nonfinite_step))
 
 
-def _point_at_device_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> None:
+def _point_at_device_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor, capturable: bool) -> None:
     """Every parameter group reads the one device LR tensor, with the fused kernels (a
     checkpoint written by an older version carries foreach=True in its groups, and loading
     it would bring that back). SGD's momentum buffers start at zero (for dampening 0 this
     is exactly PyTorch's first step, buffer = gradient), so that a masked first step leaves
-    no uninitialized buffer and nothing is allocated inside a captured step."""
+    no uninitialized buffer and nothing is allocated inside a captured step. AdamW refuses
+    to be captured unless its groups say `capturable` (SGD has no such flag)."""
     for group in optimizer.param_groups:
         group.update(lr=lr, fused=True, foreach=False)
+        if "capturable" in group:
+            group["capturable"] = capturable
         if isinstance(optimizer, torch.optim.SGD) and group.get("momentum", 0) != 0:
             for param in group["params"]:
                 state = optimizer.state[param]

@@ -27,24 +27,25 @@ def batches(count: int, n: int = 64):
         yield images, torch.randint(0, 10, (n,), generator=g, device=GPU)
 
 
-def run_steps(cuda_graph: bool, compile: bool = False, steps: int = GRAPH_WARMUP_STEPS + 6):
+def run_steps(cuda_graph: bool, optimizer: str = "sgd", steps: int = GRAPH_WARMUP_STEPS + 6):
     torch.manual_seed(0)
     model = build_model(ModelConfig(dropout=0.0)).to(GPU, memory_format=torch.channels_last)
-    cfg = TrainConfig(cuda_graph=cuda_graph, compile=compile)
+    cfg = TrainConfig(cuda_graph=cuda_graph, optimizer=optimizer)
     optimizer = build_optimizer(model, cfg, 0.05)
     stream = torch.cuda.Stream(GPU) if cuda_graph else None
     step = TrainStep(model, optimizer, cfg, "fp32", GPU, first_step=0, stream=stream)
-    losses = []
+    losses, base = [], 0.05 if optimizer == "sgd" else 0.002
     for i, (images, labels) in enumerate(batches(steps)):
-        step.set_lr(0.05 * (1 + i % 3))     # the LR changes between replays
+        step.set_lr(base * (1 + i % 3))     # the LR changes between replays
         step(images, labels)
         losses.append(step.read()["loss"])
     return losses, step, model
 
 
-def test_captured_step_matches_eager_and_replays():
-    eager, _, eager_model = run_steps(cuda_graph=False)
-    captured, step, captured_model = run_steps(cuda_graph=True)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_captured_step_matches_eager_and_replays(optimizer):
+    eager, _, eager_model = run_steps(cuda_graph=False, optimizer=optimizer)
+    captured, step, captured_model = run_steps(cuda_graph=True, optimizer=optimizer)
     assert step.graph is not None and step.setup_seconds > 0
     # The warm-up steps are the same eager code; replays follow the LR changes.
     assert captured == pytest.approx(eager, rel=2e-3)

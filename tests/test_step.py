@@ -42,8 +42,9 @@ def make_step(model, **train):
 
 
 def snapshot(model, optimizer):
+    """Weights, and every tensor of the optimizer's state (momentum; AdamW's moments and step)."""
     return ([p.detach().clone() for p in model.parameters()],
-            [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()])
+            [t.clone() for p in model.parameters() for t in optimizer.state[p].values()])
 
 
 # ------------------------------------------------------------------ host syncs
@@ -126,10 +127,11 @@ def test_device_lr_drives_the_fused_update_like_plain_sgd():
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_nonfinite_step_is_masked_on_the_device_and_reported_at_the_read():
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_nonfinite_step_is_masked_on_the_device_and_reported_at_the_read(optimizer_name):
     model = tiny_model()
     ema = WeightEma(model, 0.9)
-    cfg = TrainConfig(label_smoothing=0.0)
+    cfg = TrainConfig(label_smoothing=0.0, optimizer=optimizer_name)
     optimizer = build_optimizer(model, cfg, 0.1)
     step = TrainStep(model, optimizer, cfg, "fp32", CPU, first_step=10, ema=ema)
     step.set_lr(0.1)
