@@ -1,10 +1,30 @@
-"""Writing files that a crash cannot leave half-written."""
+"""Writing files that a crash cannot leave half-written, where they can be written."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import UserError
+
+
+def check_writable_folder(path: Path, what: str) -> None:
+    """Refuse, before any work, a folder that cannot be made or written - without creating
+    it, so a run that fails later for another reason leaves nothing behind."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} '{path}' cannot be created: '{probe}' is a file, not a folder; "
+                        f"pick another {what}=...")
+    try:
+        # The only sure test (permissions, read-only mounts, /proc, quotas): try, then tidy up.
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".cifar_ddp_probe."))
+    except OSError as exc:
+        raise UserError(f"{what} '{path}' cannot be written ({exc.strerror} in '{probe}'); "
+                        f"pick a writable {what}=...") from None
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -1,12 +1,17 @@
 """What the entry scripts share: build the config, join the process group, run,
-turn user errors into one clear line and a non-zero status, always leave the
-process group cleanly."""
+turn user errors into one clear line and a non-zero status. A run that ends or is
+preempted leaves the process group together; a rank that fails leaves at once, so
+that no other rank waits for it in a collective."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from typing import Callable, List, Optional, Tuple
+
+import torch.distributed as dist
 
 from .config import Config, config_from_dict, load_config
 from .distributed import DistContext, init_distributed, shutdown
@@ -19,25 +24,53 @@ EXIT_RESUMABLE = 75
 
 
 def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config, object, DistContext], None]) -> int:
-    """prepare() -> (config, anything it loaded); then join the job and work(). Every
-    rank hits the same bad input, so only rank 0 prints the message."""
+    """prepare() -> (config, anything it loaded); then join the job and work()."""
     from .trainer import Preempted
 
     ctx: Optional[DistContext] = None
+    code = 0
     try:
         cfg, loaded = prepare()
         ctx = init_distributed(cfg.device)
         work(cfg, loaded, ctx)
-        return 0
     except Preempted:
-        return EXIT_RESUMABLE
+        code = EXIT_RESUMABLE      # every rank stops at the same step: they leave together
     except UserError as exc:
-        if ctx is None or ctx.is_main:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    finally:
+        # Every failing rank says why (under a launcher, prefixed with its rank): an error
+        # may be one rank's alone, e.g. a file only rank 0 writes.
+        print(f"error: {_who(ctx)}{exc}", file=sys.stderr, flush=True)
+        code = EXIT_USER_ERROR
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks must not wait for us
+        if ctx is None or not ctx.is_distributed:
+            raise
+        if _peer_failed(exc):
+            # A peer died or left: its own message says why; this one only follows it.
+            print(f"error: {_who(ctx)}stopped because another process of the job stopped "
+                  f"({type(exc).__name__})", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
+        code = 1
+    if code in (0, EXIT_RESUMABLE) or ctx is None or not ctx.is_distributed:
         if ctx is not None:
             shutdown(ctx)
+        return code
+    # A failure on some ranks only: the others may be blocked in a collective waiting for
+    # this one, and a barrier or an orderly teardown would wait for them until the
+    # process-group timeout. Leave at once instead: the peers' collectives then fail on
+    # the closed connection (or torchrun stops them), and the job ends within seconds.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _peer_failed(exc: Exception) -> bool:
+    # gloo reports a dead peer as a plain RuntimeError naming the lost connection.
+    lost = ("Connection closed by peer", "Connection reset by peer")
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(s in str(exc) for s in lost))
+
+
+def _who(ctx: Optional[DistContext]) -> str:
+    return f"rank {ctx.rank}: " if ctx is not None and ctx.world_size > 1 else ""
 
 
 def run_training(config_path: Optional[str], overrides: List[str]) -> int:

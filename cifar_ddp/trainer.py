@@ -26,6 +26,7 @@ from .distributed import DistContext
 from .ema import WeightEma
 from .engine import EvalResult, NonFiniteLoss, SyncPlan, TrainState, evaluate, resolve_precision, train_one_epoch
 from .errors import UserError
+from .files import check_writable_folder
 from .loggers import SilentLogger, make_logger
 from .models import build_model
 from .optim import build_optimizer, lr_at, peak_lr
@@ -126,6 +127,8 @@ class Trainer:
         self.cfg, self.ctx, self.t = cfg, ctx, cfg.train
         t = self.t
         self.out_dir = Path(cfg.out_dir)
+        if ctx.is_main:  # rank 0 writes everything: find out now, not after loading the data
+            check_writable_folder(self.out_dir, "out_dir")
         _refuse_to_overwrite(cfg, ctx)
         self.precision = resolve_precision(t.precision, ctx.device)
         check_step_options(t, ctx.device, self.precision)

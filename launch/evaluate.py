@@ -25,7 +25,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--tta", action="store_true", help="average logits of each image and its mirror")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    args = parser.parse_args()
+    # Flags may stand anywhere among the key=value overrides.
+    args = parser.parse_intermixed_args()
     return run_evaluation(args.checkpoint, args.overrides, args.json, args.tta)
 
 

@@ -27,7 +27,8 @@ def main() -> int:
                              "for a given file use train.resume=PATH)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. train.epochs=10 data.source=fake")
-    args = parser.parse_args()
+    # Flags may stand anywhere among the key=value overrides.
+    args = parser.parse_intermixed_args()
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("train.resume=auto")

@@ -120,3 +120,16 @@ def test_torchrun_with_one_process_still_forms_a_process_group(tmp_path: Path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "backend: gloo" in done.stdout
     assert final_line(done.stdout)["world_size"] == 1
+
+
+def test_a_failure_on_rank_0_alone_ends_the_whole_job_promptly(tmp_path: Path):
+    """Rank 0 alone finds its output folder unusable while rank 1 already waits in a
+    collective: rank 0 must say why and leave at once, and rank 1 follow, instead of both
+    waiting out the 300 s process-group timeout (the bound here is far below it)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    done = run_job(torchrun(2, tiny_overrides(blocker)), timeout=120)
+    assert done.returncode != 0
+    assert "rank 0: out_dir" in done.stderr and "is a file, not a folder" in done.stderr
+    assert "exitcode: 2" in done.stderr        # the agent's report: rank 0's user error
+    assert "rank 1: stopped because another process of the job stopped" in done.stderr

@@ -162,6 +162,30 @@ def test_bad_input_stops_before_any_output(tmp_path: Path, overrides, message):
     assert not out.exists(), "a failed start must not leave an output folder that looks like a result"
 
 
+@pytest.mark.parametrize("where, message", [
+    ("a_file", "is a file, not a folder"),
+    ("a_file/below", "is a file, not a folder"),
+    ("/proc/cifar_ddp_run", "cannot be written"),
+])
+def test_unwritable_out_dir_stops_before_loading_data(tmp_path: Path, where, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    out = Path(where) if where.startswith("/") else tmp_path / where
+    done = run_job(train_cmd(*tiny_overrides(out), "data.source=folder", f"data.root={tmp_path / 'no_data'}"))
+    # The folder is refused first: the missing data would otherwise be the complaint.
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert "data.root" not in done.stderr
+
+
+def test_flags_may_stand_among_the_overrides(tmp_path: Path):
+    out = tmp_path / "run"
+    first = run_job(train_cmd(*tiny_overrides(out, **{"train.epochs": 1})))
+    assert first.returncode == 0, first.stderr[-2000:]
+    args = tiny_overrides(out, **{"train.epochs": 2})
+    done = run_job(train_cmd(*args[:2], "--resume", *args[2:]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stdout
+
+
 def test_corrupt_image_stops_naming_the_file(tmp_path: Path):
     root = make_image_folder(tmp_path / "images")
     bad = root / "train" / "frog" / "0001.png"
