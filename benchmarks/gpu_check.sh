@@ -12,8 +12,10 @@
 #    state, torchrun --nproc_per_node 1 on nccl, with and without the captured step);
 # 2. the 20-epoch GPU recipe (configs/fast85_gpu.yaml) on the test split, timed end to end;
 # 3. benchmarks/throughput.py at the recipe's batch (512) and at fast85's (128);
-# 4. fast85 itself with train.cuda_graph=true, against the issue's eager 3.3 s/epoch;
-# 5. the whole test suite on the GPU machine.
+# 4. fast85 itself (batch 128) for 5 epochs with train.cuda_graph=true, against the
+#    eager 3.3 s/epoch measured when #11 was filed.
+# Each step's time limit is set so that the whole script stays under 9.5 minutes (the
+# device tool allows 10 per command); the CPU test suite is CI's job, not this script's.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -40,13 +42,12 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record st
   tail -n 4 "$OUT/$name.log"
 }
 
-step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step fast85_gpu 150 python3 launch/train.py --config configs/fast85_gpu.yaml data.root="$DATA" \
+step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step fast85_gpu 120 python3 launch/train.py --config configs/fast85_gpu.yaml data.root="$DATA" \
   out_dir=/tmp/runs/fast85_gpu train.progress_bar=false
 cp /tmp/runs/fast85_gpu/training_log.md "$OUT/fast85_gpu_training_log.md" 2>/dev/null
-step throughput_512 240 python3 benchmarks/throughput.py --batch-size 512 --steps 200 --naive-workers 8
-step throughput_128 180 python3 benchmarks/throughput.py --batch-size 128 --steps 200 --skip naive
-step fast85_cuda_graph 150 python3 launch/train.py --config configs/fast85.yaml data.root="$DATA" \
+step throughput_512 150 python3 benchmarks/throughput.py --batch-size 512 --steps 200
+step throughput_128 60 python3 benchmarks/throughput.py --batch-size 128 --steps 200 --skip naive
+step fast85_cuda_graph 60 python3 launch/train.py --config configs/fast85.yaml data.root="$DATA" \
   out_dir=/tmp/runs/fast85_graph train.progress_bar=false train.cuda_graph=true train.epochs=5 augment.plain_last_epochs=1
-step suite 240 python3 -m pytest -q -x -p no:cacheprovider -m "not slow"
 cat "$OUT/summary.txt"

@@ -162,9 +162,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None,
                         help="fake images when no --data-root (default 8192; 2048 with --quick)")
     parser.add_argument("--data-root", default="", help="an image-folder tree (data.source=folder)")
-    parser.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers of the naive path")
+    parser.add_argument("--naive-workers", type=int, default=os.cpu_count() or 2,
+                        help="DataLoader workers of the naive path (default: one per core, %(default)s here)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for all three paths, e.g. --set model.dropout=0")
+                        help="a config override for every path, e.g. --set model.dropout=0")
     parser.add_argument("--skip", action="append", default=[], choices=["naive", "compiled", "ddp"],
                         help="leave a path out (its ratio then prints as skipped)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
