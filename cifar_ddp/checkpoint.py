@@ -121,7 +121,8 @@ def architecture_signature(state_dict: Dict[str, torch.Tensor]) -> List[Tuple[st
     return [(name, tuple(t.shape)) for name, t in state_dict.items()]
 
 
-def check_architecture(payload: Dict[str, Any], model_state: Dict[str, torch.Tensor], source: str) -> None:
+def check_architecture(payload: Dict[str, Any], model_state: Dict[str, torch.Tensor], source: str,
+                       advice: str = "or start fresh with train.resume=''") -> None:
     saved = payload.get("architecture")
     here = architecture_signature(model_state)
     if saved is None or list(saved) == here:
@@ -138,6 +139,5 @@ def check_architecture(payload: Dict[str, Any], model_state: Dict[str, torch.Ten
         detail = f"the checkpoint has {len(saved)} tensors, this model {len(here)}"
     raise CheckpointError(
         f"checkpoint '{source}' was saved from a different architecture: {detail}. "
-        "Use the model settings it was trained with (they are stored in the checkpoint's config) "
-        "or start fresh with train.resume=''"
+        f"Use the model settings it was trained with (they are stored in the checkpoint's config) {advice}"
     )

@@ -104,8 +104,9 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True
     sync_bn: bool = False
-    # "" starts fresh, "auto" continues from out_dir/checkpoints/last.pt if present,
-    # anything else is a checkpoint path.
+    # "" starts fresh; "latest" (--resume) continues from the newest good checkpoint in
+    # out_dir/checkpoints and stops if there is none; "auto" (what a torchrun restart uses)
+    # does the same but starts fresh when there is none; anything else is a checkpoint path.
     resume: str = ""
     checkpoint_every_steps: int = 0
     # End this invocation once this many steps are done in total (0 = never), with a

@@ -14,13 +14,14 @@ from .trainer import build_training_model, class_names
 
 
 def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
-                        tta_flip: bool = False) -> Dict[str, Any]:
+                        tta_flip: bool = False, source: str = "checkpoint") -> Dict[str, Any]:
     # Normalization uses the training statistics stored with the checkpoint, so a
     # folder holding only test/ is enough.
     stats = ChannelStats(**{k: tuple(v) for k, v in payload["stats"].items()})
     data = load_dataset(cfg.data, seed=cfg.seed, with_train=False, stats=stats, classes=class_names(cfg))
     model = build_training_model(cfg, ctx)
-    ckpt.check_architecture(payload, model.state_dict(), "checkpoint")
+    ckpt.check_architecture(payload, model.state_dict(), source,
+                            advice="(drop the model.* overrides), or pass a checkpoint of this architecture")
     uses_ema = payload.get("ema") is not None
     if uses_ema:
         # The EMA weights are what the run itself evaluated; AveragedModel keeps them under "module.".

@@ -93,7 +93,8 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
         return config_from_dict(payload["config"], overrides), payload
 
     def work(cfg: Config, payload: object, ctx: DistContext) -> None:
-        report = evaluate_checkpoint(payload, cfg, ctx, tta_flip=tta_flip)  # type: ignore[arg-type]
+        report = evaluate_checkpoint(payload, cfg, ctx, tta_flip=tta_flip,  # type: ignore[arg-type]
+                                     source=checkpoint_path)
         if ctx.is_main:
             report["checkpoint"] = str(checkpoint_path)
             print(json.dumps(report, indent=2) if as_json else format_report(report), flush=True)

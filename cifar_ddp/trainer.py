@@ -130,6 +130,8 @@ class Trainer:
         if ctx.is_main:  # rank 0 writes everything: find out now, not after loading the data
             check_writable_folder(self.out_dir, "out_dir")
         _refuse_to_overwrite(cfg, ctx)
+        # Before loading the data: an explicit --resume that finds nothing stops at once.
+        self.resume_path = _resume_source(cfg)
         self.precision = resolve_precision(t.precision, ctx.device)
         check_step_options(t, ctx.device, self.precision)
         seed_everything(cfg.seed)
@@ -159,7 +161,6 @@ class Trainer:
         self.state = TrainState()
         self.total_steps = t.epochs * batches.steps_per_epoch
 
-        self.resume_path = _resume_source(cfg)
         if self.resume_path is not None:
             _resume(self.resume_path, cfg, ctx, model, self.ema, self.optimizer, self.scaler, self.state, batches)
         # Stats and classes travel with every checkpoint so evaluation needs no training data.
@@ -197,6 +198,9 @@ class Trainer:
         self.logger.start(cfg.to_dict(), info, history=state.history)
         if state.global_step == 0 and ctx.is_main:
             self.logger.images("train/augmented", _preview(data, cfg), 0)
+        if self.resume_path is None and _requested_resume(cfg) == "auto":
+            self.logger.message(f"train.resume=auto: no checkpoint in {ckpt.checkpoint_dir(self.out_dir)} yet; "
+                                "starting fresh")
         if self.resume_path is not None:
             self.logger.message(f"resumed from {self.resume_path} at epoch {state.epoch + 1}, "
                                 f"step {state.step_in_epoch} of it")
@@ -428,10 +432,15 @@ def _resume_source(cfg: Config) -> Optional[Path]:
     resume = _requested_resume(cfg)
     if not resume:
         return None
-    if resume == "auto":
+    if resume in ("auto", "latest"):
         directory = ckpt.checkpoint_dir(cfg.out_dir)
         found = ckpt.find_resumable(directory)
-        return found[0] if found else None
+        if found:
+            return found[0]
+        if resume == "latest":
+            raise UserError(f"--resume found no checkpoint to continue in '{directory}'; check out_dir "
+                            f"(it is '{cfg.out_dir}'), or leave out --resume to start a new run there")
+        return None
     path = Path(resume)
     if not path.is_file():
         raise UserError(f"train.resume='{resume}' does not exist; pass a checkpoint file or train.resume=auto")

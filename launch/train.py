@@ -23,15 +23,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/seed.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest good checkpoint in out_dir (same as train.resume=auto; "
-                             "for a given file use train.resume=PATH)")
+                        help="continue from the newest good checkpoint in out_dir, and stop if there is none "
+                             "(train.resume=latest; train.resume=auto starts fresh instead; a file: train.resume=PATH)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. train.epochs=10 data.source=fake")
     # Flags may stand anywhere among the key=value overrides.
     args = parser.parse_intermixed_args()
     overrides = list(args.overrides)
     if args.resume:
-        overrides.append("train.resume=auto")
+        overrides.append("train.resume=latest")
     return run_training(args.config, overrides)
 
 

@@ -186,6 +186,17 @@ def test_flags_may_stand_among_the_overrides(tmp_path: Path):
     assert "resumed from" in done.stdout
 
 
+def test_explicit_resume_with_nothing_to_resume_stops_but_auto_starts_fresh(tmp_path: Path):
+    out = tmp_path / "misspelt_run"
+    done = run_job(train_cmd("--resume", *tiny_overrides(out, **{"train.epochs": 1})))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--resume found no checkpoint" in done.stderr and str(out) in done.stderr
+    assert not out.exists()
+    fresh = run_job(train_cmd(*tiny_overrides(out, **{"train.epochs": 1, "train.resume": "auto"})))
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "train.resume=auto: no checkpoint" in fresh.stdout and "starting fresh" in fresh.stdout
+
+
 def test_corrupt_image_stops_naming_the_file(tmp_path: Path):
     root = make_image_folder(tmp_path / "images")
     bad = root / "train" / "frog" / "0001.png"

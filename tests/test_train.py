@@ -131,6 +131,9 @@ def test_evaluate_refuses_checkpoint_of_another_architecture(tmp_path: Path):
                     str(ckpt.checkpoint_dir(tmp_path / "run") / "last.pt"), "model.widths=[8,16,32]"])
     assert done.returncode == 2
     assert "different architecture" in done.stderr and "Traceback" not in done.stderr
+    # It names the file, and its advice fits evaluation (nothing about resuming).
+    assert "last.pt' was saved" in done.stderr and "drop the model.* overrides" in done.stderr
+    assert "train.resume" not in done.stderr
 
 
 def test_batch_larger_than_split_is_refused_before_training(tmp_path: Path):
