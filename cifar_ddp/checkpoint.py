@@ -92,29 +92,31 @@ def save(directory: Path, payload: Dict[str, Any], global_step: int, keep: int, 
 
 
 def resume_candidates(directory: Path) -> List[Path]:
-    """The checkpoints a resume would try, newest first (unchecked: nothing is loaded)."""
+    """Every checkpoint a resume may choose from: the step files (newest first), then
+    last.pt and best.pt (unchecked: nothing is loaded)."""
     candidates = [p for _, p in step_files(directory)]
-    if not candidates and (directory / "last.pt").is_file():
-        candidates = [directory / "last.pt"]
-    return candidates
+    return candidates + [directory / name for name in ("last.pt", "best.pt") if (directory / name).is_file()]
 
 
 def find_resumable(directory: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest checkpoint that loads and passes its checksum, warning about any skipped."""
-    candidates = resume_candidates(directory)
-    for index, path in enumerate(candidates):
+    """The newest intact checkpoint of the folder, by training step: every candidate is
+    loaded and checksummed, so a damaged step file never hides a good last.pt. Damaged
+    files are named in one warning; nothing is deleted here."""
+    best: Optional[Tuple[int, Path, Dict[str, Any]]] = None
+    damaged = []
+    for path in resume_candidates(directory):
         try:
             payload = load_file(path)
         except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
-            following = candidates[index + 1] if index + 1 < len(candidates) else None
-            warnings.warn(
-                f"checkpoint '{path}' cannot be used ({exc}); "
-                + (f"falling back to '{following}'" if following else "no older checkpoint is left"),
-                stacklevel=2,
-            )
+            damaged.append(f"'{path}' ({exc})")
             continue
-        return path, payload
-    return None
+        step = int(payload.get("train_state", {}).get("global_step", -1))
+        if best is None or step > best[0]:   # on a tie the step file, listed first, stays
+            best = (step, path, payload)
+    if damaged:
+        chosen = f"resuming from '{best[1]}'" if best else "no intact checkpoint is left"
+        warnings.warn(f"checkpoint(s) cannot be used: {'; '.join(damaged)}; {chosen}", stacklevel=2)
+    return (best[1], best[2]) if best else None
 
 
 def architecture_signature(state_dict: Dict[str, torch.Tensor]) -> List[Tuple[str, Tuple[int, ...]]]:

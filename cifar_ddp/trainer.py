@@ -10,7 +10,7 @@ import random
 import signal
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -131,7 +131,8 @@ class Trainer:
             check_writable_folder(self.out_dir, "out_dir")
         _refuse_to_overwrite(cfg, ctx)
         # Before loading the data: an explicit --resume that finds nothing stops at once.
-        self.resume_path = _resume_source(cfg)
+        resume_from = _resume_source(cfg)
+        self.resume_path = resume_from[0] if resume_from else None
         self.precision = resolve_precision(t.precision, ctx.device)
         check_step_options(t, ctx.device, self.precision)
         seed_everything(cfg.seed)
@@ -161,8 +162,8 @@ class Trainer:
         self.state = TrainState()
         self.total_steps = t.epochs * batches.steps_per_epoch
 
-        if self.resume_path is not None:
-            _resume(self.resume_path, cfg, ctx, model, self.ema, self.optimizer, self.scaler, self.state, batches)
+        if resume_from is not None:
+            _resume(resume_from, ctx, model, self.ema, self.optimizer, self.scaler, self.state, batches)
         # Stats and classes travel with every checkpoint so evaluation needs no training data.
         self.static = {"stats": asdict(data.stats), "classes": list(data.classes)}
 
@@ -428,7 +429,8 @@ def _refuse_to_overwrite(cfg: Config, ctx: DistContext) -> None:
         )
 
 
-def _resume_source(cfg: Config) -> Optional[Path]:
+def _resume_source(cfg: Config) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The checkpoint to continue from, loaded and checked once, or None to start fresh."""
     resume = _requested_resume(cfg)
     if not resume:
         return None
@@ -436,7 +438,7 @@ def _resume_source(cfg: Config) -> Optional[Path]:
         directory = ckpt.checkpoint_dir(cfg.out_dir)
         found = ckpt.find_resumable(directory)
         if found:
-            return found[0]
+            return found
         if resume == "latest":
             raise UserError(f"--resume found no checkpoint to continue in '{directory}'; check out_dir "
                             f"(it is '{cfg.out_dir}'), or leave out --resume to start a new run there")
@@ -444,12 +446,12 @@ def _resume_source(cfg: Config) -> Optional[Path]:
     path = Path(resume)
     if not path.is_file():
         raise UserError(f"train.resume='{resume}' does not exist; pass a checkpoint file or train.resume=auto")
-    return path
+    return path, ckpt.load_file(path)
 
 
-def _resume(path: Path, cfg: Config, ctx: DistContext, model: nn.Module, ema: Optional[nn.Module],
+def _resume(source: Tuple[Path, Dict[str, Any]], ctx: DistContext, model: nn.Module, ema: Optional[nn.Module],
             optimizer: torch.optim.Optimizer, scaler, state: TrainState, batches: TrainBatches) -> None:
-    payload = ckpt.load_file(path)
+    path, payload = source
     ckpt.check_architecture(payload, model.state_dict(), str(path))
     model.load_state_dict(payload["model"])
     if ema is not None and payload.get("ema") is not None:

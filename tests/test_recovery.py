@@ -96,17 +96,27 @@ def test_save_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_path: Pat
     assert not list(directory.glob(".*.tmp"))
 
 
-def test_truncated_newest_checkpoint_falls_back_with_warning(tmp_path: Path):
+@pytest.mark.parametrize("damaged, expected", [
+    # The newest step file is truncated but last.pt holds the same step intact: use it.
+    (["step-00000012.pt"], ("last.pt", 12)),
+    # Everything at step 12 is damaged (best.pt too, whichever step it holds): step 6 is left.
+    (["step-00000012.pt", "last.pt", "best.pt"], ("step-00000006.pt", 6)),
+])
+def test_resume_takes_the_newest_intact_checkpoint_with_warning(tmp_path: Path, damaged, expected):
     out = tmp_path / "run"
     with pytest.raises(Preempted):
         train_in_process(out, **{"train.epochs": 3, "train.stop_after_steps": 12, "train.keep_checkpoints": 3})
     directory = ckpt.checkpoint_dir(out)
     assert [s for s, _ in ckpt.step_files(directory)] == [12, 6]
-    newest = directory / "step-00000012.pt"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    for name in damaged:
+        path = directory / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
-        ckpt.load_file(newest)
-    with pytest.warns(UserWarning, match="step-00000012.pt.*falling back to.*step-00000006.pt"):
+        ckpt.load_file(directory / damaged[0])
+    name, step = expected
+    found = ckpt.find_resumable(directory)
+    assert found is not None and found[0].name == name and found[1]["train_state"]["global_step"] == step
+    with pytest.warns(UserWarning, match=f"step-00000012.pt.*resuming from .*{name}"):
         result = train_in_process(out, **{"train.epochs": 3, "train.resume": "auto", "train.keep_checkpoints": 3})
     assert result["global_step"] == 18 and result["epochs"] == 3
 
