@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ class TrainState:
     best_accuracy: float = -1.0
     skipped_steps: int = 0      # non-finite steps whose update was masked (on_nonfinite=skip)
     scaler_skipped_steps: int = 0   # fp16 steps the GradScaler skipped (normal, not errors)
+    # Inside an epoch: what its steps so far add up to over all ranks (loss sum, correct,
+    # images, seconds), so that a run resumed there reports the whole epoch's figures.
+    epoch_partial: List[float] = field(default_factory=list)
     history: List[dict] = field(default_factory=list)
 
 
@@ -97,14 +100,17 @@ def train_one_epoch(
     plan: SyncPlan,
     ctx: DistContext,
     on_sync: Callable[[TrainState, Dict[str, float]], bool] = lambda state, read: False,
+    carried: Sequence[float] = (),
 ) -> EpochMetrics:
-    """One pass over this rank's batches; returns metrics summed over all ranks.
+    """One pass over this rank's batches; returns metrics summed over all ranks, including
+    `carried` (a TrainState.epoch_partial: the steps of this epoch before a resume).
 
     `on_sync(state, read)` runs at the plan's sync steps and at the epoch's end, with
     what the device reported (`TrainStep.read`); it returns True to stop the epoch.
     """
     step.model.train()
-    step.reset_metrics()
+    # The carried sums are global: one rank adds them, the epoch's final sum counts them once.
+    step.reset_metrics(carried[:3] if ctx.is_main else ())
     setup_before = step.setup_seconds
     started = time.perf_counter()
     stop, synced_at = False, state.global_step
@@ -123,8 +129,9 @@ def train_one_epoch(
     totals = ctx.sum(step.metrics()).tolist()
     setup = step.setup_seconds - setup_before
     n = max(int(totals[2]), 1)
+    seconds = time.perf_counter() - started - setup + (carried[3] if carried else 0.0)
     return EpochMetrics(loss=totals[0] / n, accuracy=totals[1] / n, images=int(totals[2]),
-                        seconds=time.perf_counter() - started - setup, setup_seconds=setup, stop_requested=stop)
+                        seconds=seconds, setup_seconds=setup, stop_requested=stop)
 
 
 def _fold(read: Dict[str, float], state: TrainState, plan: SyncPlan) -> Dict[str, float]:

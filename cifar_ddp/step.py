@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,9 +100,11 @@ class TrainStep:
     def set_lr(self, lr: float) -> None:
         self.lr.fill_(lr)
 
-    def reset_metrics(self) -> None:
-        for tensor in (self.loss_sum, self.correct, self.seen):
-            tensor.zero_()
+    def reset_metrics(self, start: Sequence[float] = ()) -> None:
+        """Zero the epoch's sums, or set them to `start` (loss sum, correct, seen), in place:
+        a captured step keeps adding into these very tensors."""
+        for tensor, value in zip((self.loss_sum, self.correct, self.seen), [*start, 0, 0, 0][:3]):
+            tensor.fill_(value)
 
     def metrics(self) -> torch.Tensor:
         """(loss sum, correct, seen) of the steps since `reset_metrics`, still on the device."""

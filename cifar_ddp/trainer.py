@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import signal
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -179,6 +180,8 @@ class Trainer:
         self.plan = SyncPlan(every=t.log_every_steps, checkpoint_every=t.checkpoint_every_steps,
                              stop_after=t.stop_after_steps, stop_on_nonfinite=t.on_nonfinite == "stop")
         self.setup_seconds = 0.0
+        self._epoch_clock = (time.perf_counter(), 0.0)   # (start, set-up seconds then) of this epoch
+        self._carried_seconds = 0.0
 
         self.logger = logger if logger is not None else make_logger(
             ctx.is_main, self.out_dir, t.progress_bar, eval_split=eval_split(cfg))
@@ -213,6 +216,11 @@ class Trainer:
         """Collective: every rank contributes its RNG state, rank 0 writes."""
         ctx = self.ctx
         rank_states = ctx.gather_objects(_rank_rng_state(ctx.device))
+        if 0 < self.state.step_in_epoch < self.batches.steps_per_epoch:
+            started, setup_before = self._epoch_clock
+            sums = ctx.sum(self.step.metrics()).tolist()
+            seconds = time.perf_counter() - started - (self.step.setup_seconds - setup_before) + self._carried_seconds
+            self.state.epoch_partial = [*sums, seconds]
         if ctx.is_main:
             payload = {
                 "model": self.model.state_dict(),
@@ -268,13 +276,17 @@ class Trainer:
             torch.manual_seed(epoch_seed(self.cfg.seed, self.ctx.rank, epoch) + 1)
         stream = self.logger.progress(batches.iterate(start_step), total=batches.steps_per_epoch,
                                       desc=f"epoch {epoch + 1}/{t.epochs}", initial=start_step)
+        carried = list(state.epoch_partial) if start_step else []
+        self._epoch_clock = (time.perf_counter(), self.step.setup_seconds)
+        self._carried_seconds = carried[3] if carried else 0.0
         try:
             metrics = train_one_epoch(self.step, stream, self.lr_for_step, state, self.plan, self.ctx,
-                                      on_sync=self._on_sync)
+                                      on_sync=self._on_sync, carried=carried)
         except NonFiniteLoss as exc:
             good = self.last_saved[0] if self.last_saved else self.resume_path
             raise NonFiniteLoss(f"{exc}; last good checkpoint: {good or 'none yet'} "
                                 "(continue from it with train.resume=auto)") from None
+        state.epoch_partial = []
         if metrics.setup_seconds:
             self.setup_seconds += metrics.setup_seconds
             self.logger.message(f"compiling/capturing the step took {metrics.setup_seconds:.1f}s "

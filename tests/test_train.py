@@ -66,6 +66,11 @@ def test_interrupted_and_resumed_run_is_bitwise_equal(tmp_path: Path, stop_step,
     result = train_in_process(tmp_path / "split", **settings, **{"train.resume": "auto"})
     assert result["global_step"] == 18
     assert_bitwise_equal(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
+    # Each epoch's training figures cover the whole epoch, also the one split by the stop.
+    histories = [ckpt.load_file(ckpt.checkpoint_dir(tmp_path / run) / "last.pt")["train_state"]["history"]
+                 for run in ("straight", "split")]
+    for straight, split in zip(*histories):
+        assert (split["train/loss"], split["train/accuracy"]) == (straight["train/loss"], straight["train/accuracy"])
 
 
 def test_resume_with_ema_and_plain_last_epoch(tmp_path: Path):
