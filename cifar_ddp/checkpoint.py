@@ -59,6 +59,8 @@ def decode(data: bytes, source: str) -> Dict[str, Any]:
 
 def load_file(path: str | Path) -> Dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder; pass a .pt file in it, e.g. {path / 'last.pt'}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     return decode(path.read_bytes(), str(path))

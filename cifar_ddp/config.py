@@ -246,6 +246,8 @@ def load_config(path: str | Path | None = None, overrides: List[str] | None = No
     tree: Dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file '{path}' is a folder; pass a YAML file in it, e.g. configs/seed.yaml")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. configs/seed.yaml")
         try:

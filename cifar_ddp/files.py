@@ -27,12 +27,23 @@ def check_writable_folder(path: Path, what: str) -> None:
                         f"pick a writable {what}=...") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files get the mode any other file of the process would (mkstemp alone makes them 0600).
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a reader sees the old file or the new one, never
     a torn one, even if the process dies mid-write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

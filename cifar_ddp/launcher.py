@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 import torch.distributed as dist
@@ -29,6 +30,8 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
 
     ctx: Optional[DistContext] = None
     code = 0
+    # Warnings (a damaged checkpoint skipped, ...) read as one line, not a source quote.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         cfg, loaded = prepare()
         ctx = init_distributed(cfg.device)
@@ -40,6 +43,10 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
         # may be one rank's alone, e.g. a file only rank 0 writes.
         print(f"error: {_who(ctx)}{exc}", file=sys.stderr, flush=True)
         code = EXIT_USER_ERROR
+    except BrokenPipeError:
+        # Whoever read our output left (`| head`): nothing more to say, and no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks must not wait for us
         if ctx is None or not ctx.is_distributed:
             raise

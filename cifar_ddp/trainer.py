@@ -284,8 +284,9 @@ class Trainer:
                                       on_sync=self._on_sync, carried=carried)
         except NonFiniteLoss as exc:
             good = self.last_saved[0] if self.last_saved else self.resume_path
-            raise NonFiniteLoss(f"{exc}; last good checkpoint: {good or 'none yet'} "
-                                "(continue from it with train.resume=auto)") from None
+            where = (f"last good checkpoint: {good} (continue from it with train.resume=auto)" if good else
+                     "no checkpoint was written before it (start again with the change)")
+            raise NonFiniteLoss(f"{exc}; {where}") from None
         state.epoch_partial = []
         if metrics.setup_seconds:
             self.setup_seconds += metrics.setup_seconds

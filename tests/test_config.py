@@ -78,3 +78,8 @@ def test_malformed_override_and_missing_file():
 def test_round_trip_through_dict():
     cfg = load_config(None, ["train.epochs=7", "model.dropout=0.2"])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_folder_given_as_config_is_named_as_a_folder(tmp_path: Path):
+    with pytest.raises(ConfigError, match="is a folder; pass a YAML file"):
+        load_config(tmp_path)

@@ -121,6 +121,18 @@ def test_resume_takes_the_newest_intact_checkpoint_with_warning(tmp_path: Path, 
     assert result["global_step"] == 18 and result["epochs"] == 3
 
 
+def test_warnings_on_the_console_are_one_line(tmp_path: Path):
+    out = tmp_path / "run"
+    assert run_job(train_cmd(*tiny_overrides(out, **{"train.epochs": 1}))).returncode == 0
+    step_file = ckpt.step_files(ckpt.checkpoint_dir(out))[0][1]
+    step_file.write_bytes(step_file.read_bytes()[:100])
+    done = run_job(train_cmd("--resume", *tiny_overrides(out, **{"train.epochs": 2})))
+    assert done.returncode == 0, done.stderr[-2000:]
+    warning = [line for line in done.stderr.splitlines() if "cannot be used" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: checkpoint(s) cannot be used")
+    assert "warnings.warn" not in done.stderr and "UserWarning" not in done.stderr
+
+
 def test_explicit_damaged_checkpoint_is_refused_with_message(tmp_path: Path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -145,7 +157,7 @@ def nan_at_step_3(monkeypatch):
 
 
 def test_nan_loss_stops_with_step_and_advice(tmp_path: Path, nan_at_step_3):
-    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 3 .*last good checkpoint: none yet"):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 3 .*no checkpoint was written before it"):
         train_in_process(tmp_path / "run")
 
 

@@ -1,6 +1,8 @@
 """Single-process training: a run end to end, exact resume, logs, evaluation CLI."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -128,6 +130,25 @@ def test_evaluate_cli_matches_training_and_reads_test_only_folder(tmp_path: Path
                     f"data.root={test_only}"])
     assert done.returncode == 0, done.stderr
     assert "test images: 20" in done.stdout and "per class:" in done.stdout
+
+
+def test_evaluate_output_into_a_closed_pipe_and_a_folder_as_checkpoint(tmp_path: Path):
+    train_in_process(tmp_path / "run", **{"train.epochs": 1})
+    directory = ckpt.checkpoint_dir(tmp_path / "run")
+    script = f"{sys.executable} {REPO / 'launch' / 'evaluate.py'} --checkpoint {directory / 'last.pt'} | true"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert "BrokenPipeError" not in done.stderr and "Traceback" not in done.stderr
+    folder = run_job([sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(directory)])
+    assert folder.returncode == 2 and "is a folder; pass a .pt file in it" in folder.stderr
+
+
+def test_written_files_follow_the_umask(tmp_path: Path):
+    train_in_process(tmp_path / "run", **{"train.epochs": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (ckpt.checkpoint_dir(tmp_path / "run") / "last.pt", tmp_path / "run" / "training_log.md",
+                 tmp_path / "run" / "config.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
 
 
 def test_evaluate_refuses_checkpoint_of_another_architecture(tmp_path: Path):
