@@ -5,6 +5,7 @@ that no other rank waits for it in a collective."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from .distributed import DistContext, init_distributed, shutdown
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
+_FILESYSTEM_FULL_OR_CLOSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 # EX_TEMPFAIL, "try again later": stopped by a signal or train.stop_after_steps after
 # writing a checkpoint; a scheduler can requeue the job with --resume.
 EXIT_RESUMABLE = 75
@@ -48,15 +50,21 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
     except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks must not wait for us
-        if ctx is None or not ctx.is_distributed:
+        if isinstance(exc, OSError) and exc.errno in _FILESYSTEM_FULL_OR_CLOSED:
+            # A log or event file that cannot be written any more (checkpoints say so themselves).
+            print(f"error: {_who(ctx)}cannot write '{exc.filename or 'a file'}' ({exc.strerror}); free space "
+                  "there or pick another out_dir, then continue with --resume", file=sys.stderr, flush=True)
+            code = EXIT_USER_ERROR
+        elif ctx is None or not ctx.is_distributed:
             raise
-        if _peer_failed(exc):
+        elif _peer_failed(exc):
             # A peer died or left: its own message says why; this one only follows it.
             print(f"error: {_who(ctx)}stopped because another process of the job stopped "
                   f"({type(exc).__name__})", file=sys.stderr, flush=True)
+            code = 1
         else:
             traceback.print_exc()
-        code = 1
+            code = 1
     if code in (0, EXIT_RESUMABLE) or ctx is None or not ctx.is_distributed:
         if ctx is not None:
             shutdown(ctx)

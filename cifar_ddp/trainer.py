@@ -235,8 +235,16 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 **self.static,
             }
-            self.last_saved[:] = [ckpt.save(ckpt.checkpoint_dir(self.out_dir), payload, self.state.global_step,
-                                            self.t.keep_checkpoints, is_best)]
+            directory = ckpt.checkpoint_dir(self.out_dir)
+            try:
+                self.last_saved[:] = [ckpt.save(directory, payload, self.state.global_step,
+                                                self.t.keep_checkpoints, is_best)]
+            except OSError as exc:
+                # The write goes to a temporary file first: the previous checkpoint is intact.
+                previous = self.last_saved[0] if self.last_saved else "none"
+                raise UserError(f"cannot write a checkpoint in '{directory}' ({exc.strerror}); free space there "
+                                f"(a checkpoint is about {len(ckpt.encode(payload)) // 2**20 + 1} MB) and continue "
+                                f"with --resume; the previous checkpoint is intact: {previous}") from None
         ctx.barrier()
 
     def _on_sync(self, st: TrainState, read: Dict[str, float]) -> bool:

@@ -11,6 +11,7 @@ import torch
 
 from cifar_ddp import checkpoint as ckpt
 from cifar_ddp.engine import NonFiniteLoss
+from cifar_ddp.errors import UserError
 from cifar_ddp.trainer import Preempted
 
 from conftest import (JOB_TIMEOUT_S, REPO, assert_bitwise_equal, final_weights, job_env, make_image_folder,
@@ -226,3 +227,26 @@ def test_corrupt_image_stops_naming_the_file(tmp_path: Path):
     done = run_job(train_cmd(*tiny_overrides(tmp_path / "run"), "data.source=folder", f"data.root={root}"))
     assert done.returncode == 2 and "0001.png" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch):
+    import errno
+
+    from cifar_ddp import files
+
+    out = tmp_path / "run"
+    real = files.atomic_write
+    calls = {"n": 0}
+
+    def full_after_first_save(path, data):
+        calls["n"] += 1
+        if path.suffix == ".pt" and calls["n"] > 3:   # step file, last.pt, best.pt of epoch 1 succeed
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "atomic_write", full_after_first_save)
+    with pytest.raises(UserError, match=r"cannot write a checkpoint in .*No space left on device.*free space") as info:
+        train_in_process(out, **{"train.epochs": 2})
+    assert "step-00000006.pt" in str(info.value)
+    assert ckpt.load_file(ckpt.checkpoint_dir(out) / "last.pt")["train_state"]["global_step"] == 6
+    assert not list(ckpt.checkpoint_dir(out).glob(".*.tmp"))
