@@ -26,6 +26,8 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str = ""
+    # How many times torchrun has restarted the group after a failure (0: first attempt).
+    restart_count: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -118,10 +120,11 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 300.0) 
                           timeout=timeout, wait_for_workers=False)
     # After torchrun restarts a failed group the agent's store still holds the dead
     # attempt's keys; a fresh namespace per attempt keeps gloo from connecting to them.
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
     store = dist.PrefixStore(f"cifar_ddp/attempt{attempt}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
+                       restart_count=attempt)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .config import Config
+from .config import CIFAR10_CLASSES, Config
 from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_shard
 from .data.sources import DatasetArrays, load_dataset
 from .data.transforms import BatchAugment
@@ -81,8 +81,6 @@ def eval_split(cfg: Config) -> str:
 
 
 def class_names(cfg: Config):
-    from .config import CIFAR10_CLASSES
-
     if cfg.data.source == "fake":
         return tuple(f"class{i}" for i in range(cfg.model.num_classes))
     if cfg.model.num_classes != len(CIFAR10_CLASSES):
@@ -132,7 +130,7 @@ class Trainer:
             check_writable_folder(self.out_dir, "out_dir")
         _refuse_to_overwrite(cfg, ctx)
         # Before loading the data: an explicit --resume that finds nothing stops at once.
-        resume_from = _resume_source(cfg)
+        resume_from = _resume_source(cfg, ctx)
         self.resume_path = resume_from[0] if resume_from else None
         self.precision = resolve_precision(t.precision, ctx.device)
         check_step_options(t, ctx.device, self.precision)
@@ -202,7 +200,7 @@ class Trainer:
         self.logger.start(cfg.to_dict(), info, history=state.history)
         if state.global_step == 0 and ctx.is_main:
             self.logger.images("train/augmented", _preview(data, cfg), 0)
-        if self.resume_path is None and _requested_resume(cfg) == "auto":
+        if self.resume_path is None and _requested_resume(cfg, ctx) == "auto":
             self.logger.message(f"train.resume=auto: no checkpoint in {ckpt.checkpoint_dir(self.out_dir)} yet; "
                                 "starting fresh")
         if self.resume_path is not None:
@@ -250,7 +248,7 @@ class Trainer:
     def _on_sync(self, st: TrainState, read: Dict[str, float]) -> bool:
         """At the sync steps only (engine.SyncPlan): log, checkpoint, and decide whether to stop."""
         t = self.t
-        _inject_test_fault(st.global_step, self.ctx.rank)
+        _inject_test_fault(st.global_step, self.ctx)
         if st.global_step % t.log_every_steps == 0:
             self.logger.step(st.global_step, {"train/step_loss": read["loss"],
                                               "lr": self.lr_for_step(st.global_step - 1)})
@@ -388,14 +386,14 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _inject_test_fault(global_step: int, rank: int) -> None:
+def _inject_test_fault(global_step: int, ctx: DistContext) -> None:
     """Fault injection for the recovery tests: CIFAR_DDP_TEST_SIGKILL="RANK:STEP" makes
     that rank SIGKILL itself after that step, in the first attempt only. Unset in real runs."""
     spec = os.environ.get("CIFAR_DDP_TEST_SIGKILL")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+    if not spec or ctx.restart_count:
         return
     kill_rank, kill_step = (int(v) for v in spec.split(":"))
-    if rank == kill_rank and global_step == kill_step:
+    if ctx.rank == kill_rank and global_step == kill_step:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -427,8 +425,8 @@ def _hparams(cfg: Config, ctx: DistContext) -> Dict[str, Any]:
     }
 
 
-def _requested_resume(cfg: Config) -> str:
-    if not cfg.train.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+def _requested_resume(cfg: Config, ctx: DistContext) -> str:
+    if not cfg.train.resume and ctx.restart_count > 0:
         # torchrun restarted the group after a worker died: pick up where it left off.
         return "auto"
     return cfg.train.resume
@@ -438,7 +436,7 @@ def _refuse_to_overwrite(cfg: Config, ctx: DistContext) -> None:
     """A fresh run in a folder holding another run's checkpoints would mix the two: its
     early step files would be pruned as older than the earlier run's, and a later
     resume=auto would pick the wrong run."""
-    if _requested_resume(cfg):
+    if _requested_resume(cfg, ctx):
         return
     directory = ckpt.checkpoint_dir(cfg.out_dir)
     found = bool(ckpt.resume_candidates(directory))
@@ -450,9 +448,9 @@ def _refuse_to_overwrite(cfg: Config, ctx: DistContext) -> None:
         )
 
 
-def _resume_source(cfg: Config) -> Optional[Tuple[Path, Dict[str, Any]]]:
+def _resume_source(cfg: Config, ctx: DistContext) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """The checkpoint to continue from, loaded and checked once, or None to start fresh."""
-    resume = _requested_resume(cfg)
+    resume = _requested_resume(cfg, ctx)
     if not resume:
         return None
     if resume in ("auto", "latest"):

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import AugmentConfig
 from .sources import ChannelStats, ImageSplit
-from .transforms import BatchAugment, albumentations_train, normalize_batch
+from .transforms import BatchAugment, albumentations_eval, albumentations_train, normalize_batch
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -130,8 +130,6 @@ class AlbumentationsDataset(Dataset):
 
     def __init__(self, split: ImageSplit, augment: AugmentConfig, stats: ChannelStats,
                  enabled: bool = True) -> None:
-        from .transforms import albumentations_eval
-
         self.split = split
         self.pipeline = albumentations_train(augment, stats) if enabled else albumentations_eval(stats)
 
@@ -155,12 +153,12 @@ def eval_shard(split: ImageSplit, rank: int, world_size: int) -> ImageSplit:
 
 
 def eval_batches(shard: ImageSplit, stats: ChannelStats, batch_size: int,
-                 device: torch.device, flip: bool = False) -> Iterator[Batch]:
+                 device: torch.device) -> Iterator[Batch]:
     images = torch.from_numpy(shard.images)
     labels = torch.from_numpy(shard.labels)
     for start in range(0, len(labels), batch_size):
         x = normalize_batch(images[start:start + batch_size].to(device), stats)
-        yield (x.flip(3) if flip else x), labels[start:start + batch_size].to(device)
+        yield x, labels[start:start + batch_size].to(device)
 
 
 __all__ = ["TrainBatches", "AlbumentationsDataset", "eval_shard", "eval_batches"]

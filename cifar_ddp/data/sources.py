@@ -8,16 +8,16 @@ training split, never pasted in.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..config import CIFAR10_CLASSES, DataConfig
 from ..errors import UserError
+from ..files import atomic_write
 
 IMAGE_SHAPE = (32, 32, 3)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -135,15 +135,9 @@ def _fingerprint(files: Sequence[Tuple[Path, int]]) -> str:
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write(path, buffer.getvalue())
 
 
 def _load_folder_split(cfg: DataConfig, split: str, classes: Sequence[str]) -> ImageSplit:
@@ -221,13 +215,4 @@ def load_dataset(cfg: DataConfig, seed: int = 0, with_train: bool = True,
     return DatasetArrays(train=train, test=test, classes=tuple(classes), stats=stats)
 
 
-def describe(arrays: DatasetArrays) -> Dict[str, object]:
-    return {
-        "train_images": 0 if arrays.train is None else len(arrays.train),
-        "test_images": len(arrays.test),
-        "mean": [round(v, 4) for v in arrays.stats.mean],
-        "std": [round(v, 4) for v in arrays.stats.std],
-    }
-
-
-__all__ = ["ImageSplit", "ChannelStats", "DatasetArrays", "DataError", "channel_stats", "load_dataset", "describe"]
+__all__ = ["ImageSplit", "ChannelStats", "DatasetArrays", "DataError", "channel_stats", "load_dataset"]

@@ -1,5 +1,5 @@
 """The seed network: C1 | C2 | C3 | C4 | Output, no max-pooling, 150,576 parameters,
-receptive field 91 (see ../shared/seed/README.md for the reference layer table).
+receptive field 91 (tests/data/seed_summary.txt is the seed's reference layer table).
 
 Resolution halves with a stride-2 3x3 conv at the end of C1, C2 and C3; each block
 has one dilated conv (dilation 2), placed so the receptive field reaches 91:
