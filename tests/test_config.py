@@ -54,6 +54,14 @@ def test_wrong_types_name_key_and_type(override, fragment):
     ("augment.crop_p=-0.1", "augment.crop_p"),
     ("augment.crop_padding=40", "augment.crop_padding"),
     ("model.widths=[16,32]", "model.widths"),
+    ("train.warmup_frac=1", "train.warmup_frac"),      # lr_at would divide by zero
+    ("train.label_smoothing=1", "train.label_smoothing"),
+    ("train.ema_decay=1", "train.ema_decay"),
+    ("augment.cutout_size=33", "augment.cutout_size"),
+    ("augment.rotate_limit=181", "augment.rotate_limit"),
+    ("model.dropout=1", "model.dropout"),
+    ("model.num_classes=1", "model.num_classes"),
+    ("train.log_every_steps=0", "train.log_every_steps"),
 ])
 def test_impossible_values_are_refused(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
