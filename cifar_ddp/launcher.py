@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import sys
+import time
 import traceback
 import warnings
 from typing import Callable, List, Optional, Tuple
@@ -20,6 +21,7 @@ from .distributed import DistContext, init_distributed, shutdown
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
+PEER_FAILURE_GRACE_S = 3.0
 _FILESYSTEM_FULL_OR_CLOSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 # EX_TEMPFAIL, "try again later": stopped by a signal or train.stop_after_steps after
 # writing a checkpoint; a scheduler can requeue the job with --resume.
@@ -58,9 +60,12 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
         elif ctx is None or not ctx.is_distributed:
             raise
         elif _peer_failed(exc):
-            # A peer died or left: its own message says why; this one only follows it.
+            # A peer died or left: its own message says why; this one only follows it. It
+            # waits a moment first, so that the launcher (torchrun polls every 0.1 s) sees the
+            # peer's failure as the root cause and stops this process itself.
             print(f"error: {_who(ctx)}stopped because another process of the job stopped "
                   f"({type(exc).__name__})", file=sys.stderr, flush=True)
+            time.sleep(PEER_FAILURE_GRACE_S)
             code = 1
         else:
             traceback.print_exc()
