@@ -25,7 +25,6 @@ Last line: speedup_vs_naive=(2)/(1) compiled_vs_default=(3)/(2) ddp_efficiency=(
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -45,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from cifar_ddp.config import load_config  # noqa: E402
 from cifar_ddp.data.loaders import AlbumentationsDataset, TrainBatches  # noqa: E402
 from cifar_ddp.data.sources import load_dataset  # noqa: E402
-from cifar_ddp.distributed import init_distributed, shutdown  # noqa: E402
+from cifar_ddp.distributed import init_distributed, shutdown, wrap_ddp  # noqa: E402
 from cifar_ddp.engine import SyncPlan, TrainState, resolve_precision, train_one_epoch  # noqa: E402
 from cifar_ddp.models import build_model  # noqa: E402
 from cifar_ddp.optim import build_optimizer  # noqa: E402
@@ -105,11 +104,7 @@ def measure_cifar_ddp(args: argparse.Namespace, extra=()) -> float:
         model = build_training_model(cfg, ctx)
         optimizer = build_optimizer(model, cfg.train, 0.05)
         stream = capture_stream(cfg.train, ctx.device)
-        wrapped = model
-        if ctx.is_distributed:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                wrapped = torch.nn.parallel.DistributedDataParallel(
-                    model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        wrapped = wrap_ddp(model, ctx, stream)
         precision = resolve_precision(cfg.train.precision, ctx.device)
         step = TrainStep(wrapped, optimizer, cfg.train, precision, ctx.device, 0, bare_model=model, stream=stream)
 

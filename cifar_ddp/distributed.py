@@ -8,10 +8,11 @@ LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -76,6 +77,17 @@ class DistContext:
         out: List[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext, stream: Optional["torch.cuda.Stream"] = None) -> torch.nn.Module:
+    """`model` under DistributedDataParallel when a process group exists, else as it is.
+    A step that will be captured as a CUDA graph needs DDP built on the side stream it
+    warms up on (`stream`, from step.capture_stream)."""
+    if not ctx.is_distributed:
+        return model
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def _env_int(name: str, default: int) -> int:

@@ -3,7 +3,6 @@ train_one_epoch and evaluate, with checkpoints and logs along the way."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import random
@@ -16,14 +15,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import CIFAR10_CLASSES, Config
 from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_shard
 from .data.sources import DatasetArrays, load_dataset
 from .data.transforms import BatchAugment
-from .distributed import DistContext
+from .distributed import DistContext, wrap_ddp
 from .ema import WeightEma
 from .engine import EvalResult, NonFiniteLoss, SyncPlan, TrainState, evaluate, resolve_precision, train_one_epoch
 from .errors import UserError
@@ -167,13 +165,7 @@ class Trainer:
         self.static = {"stats": asdict(data.stats), "classes": list(data.classes)}
 
         stream = capture_stream(t, ctx.device)
-        ddp_model: nn.Module = model
-        if ctx.is_distributed:
-            # A step that will be captured needs DDP built on the stream it warms up on.
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                ddp_model = DistributedDataParallel(
-                    model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        self.step = TrainStep(ddp_model, self.optimizer, t, self.precision, ctx.device, self.state.global_step,
+        self.step = TrainStep(wrap_ddp(model, ctx, stream), self.optimizer, t, self.precision, ctx.device, self.state.global_step,
                               ema=self.ema, scaler=self.scaler, bare_model=model, stream=stream)
         self.plan = SyncPlan(every=t.log_every_steps, checkpoint_every=t.checkpoint_every_steps,
                              stop_after=t.stop_after_steps, stop_on_nonfinite=t.on_nonfinite == "stop")
