@@ -71,11 +71,19 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["seed"] = "seed"
-    # The three channel widths the seed net uses (narrow, middle, wide).
-    widths: List[int] = field(default_factory=lambda: [16, 32, 64])
+    name: Literal["seed", "sep_resnet"] = "seed"
+    # Channel widths; empty means the model's own (seed: narrow, middle, wide = 16, 32, 64;
+    # sep_resnet: C1..C4 = 48, 96, 128, 192).
+    widths: List[int] = field(default_factory=list)
     dropout: float = 0.05
     num_classes: int = 10
+
+
+# How many channel widths each model takes, what they are, and its defaults.
+WIDTHS_PER_MODEL = {
+    "seed": (3, "narrow, middle, wide", [16, 32, 64]),
+    "sep_resnet": (4, "C1, C2, C3, C4", [48, 96, 128, 192]),
+}
 
 
 @dataclass
@@ -303,8 +311,10 @@ def validate(cfg: Config) -> None:
     _require(0 <= a.crop_padding <= 16, f"augment.crop_padding is {a.crop_padding}; it is in pixels, within [0, 16]")
     _require(1 <= a.cutout_size <= 32, f"augment.cutout_size is {a.cutout_size}; it must fit a 32x32 image (1..32)")
     _require(0 <= a.plain_last_epochs <= t.epochs, "augment.plain_last_epochs must be within [0, train.epochs]")
-    _require(len(m.widths) == 3 and all(w >= 1 for w in m.widths),
-             f"model.widths is {m.widths}; expected three positive channel counts (narrow, middle, wide), e.g. [16, 32, 64]")
+    count, meaning, example = WIDTHS_PER_MODEL[m.name]
+    _require(not m.widths or (len(m.widths) == count and all(w >= 1 for w in m.widths)),
+             f"model.widths is {m.widths}; {m.name} takes {count} positive channel counts ({meaning}), "
+             f"e.g. {example}, or leave it out for those")
     _require(0 <= m.dropout < 1, f"model.dropout is {m.dropout}; it must be in [0, 1)")
     _require(m.num_classes >= 2, "model.num_classes must be at least 2")
     _require(d.fake_size >= 1, "data.fake_size must be at least 1")

@@ -6,13 +6,12 @@ from typing import Callable, Dict, Union
 
 from torch import nn
 
-from ..config import Config, ModelConfig
+from ..config import WIDTHS_PER_MODEL, Config, ModelConfig
 from ..errors import ConfigError
 from .seed import SeedNet
+from .sep_resnet import SepResNet
 
-_BUILDERS: Dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "seed": lambda m: SeedNet(widths=m.widths, dropout=m.dropout, num_classes=m.num_classes),
-}
+_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"seed": SeedNet, "sep_resnet": SepResNet}
 
 
 def build_model(cfg_or_name: Union[str, Config, ModelConfig]) -> nn.Module:
@@ -29,7 +28,8 @@ def build_model(cfg_or_name: Union[str, Config, ModelConfig]) -> nn.Module:
         raise ConfigError(
             f"unknown model '{model_cfg.name}'; available: {', '.join(sorted(_BUILDERS))}"
         ) from None
-    return builder(model_cfg)
+    widths = model_cfg.widths or WIDTHS_PER_MODEL[model_cfg.name][2]
+    return builder(widths=widths, dropout=model_cfg.dropout, num_classes=model_cfg.num_classes)
 
 
-__all__ = ["build_model", "SeedNet"]
+__all__ = ["build_model", "SeedNet", "SepResNet"]
