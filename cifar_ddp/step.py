@@ -93,7 +93,7 @@ class TrainStep:
         self.static_images: Optional[torch.Tensor] = None
         self.static_labels: Optional[torch.Tensor] = None
         self.eager_steps = 0
-        self.setup_seconds = 0.0   # compiling and capturing, kept out of training time
+        self.setup_seconds = 0.0   # first step, compiling, capturing: kept out of training time
 
     # ------------------------------------------------------------- host side
 
@@ -130,9 +130,11 @@ class TrainStep:
             self.graph.replay()
             return
         capture_now = self.cuda_graph and self.eager_steps == GRAPH_WARMUP_STEPS
-        # Set-up steps, timed apart from training: the first call of a compiled model
-        # compiles it; the capture step records the graph.
-        setup = capture_now or (self.eager_steps == 0 and self.compiled)
+        # Set-up steps, timed apart from training: the first step of a process pays for
+        # lazy initialisation (on a GPU: loading cuDNN and autotuning every convolution,
+        # about 9 s of fast85_gpu's first epoch on an H200) and, with train.compile, for
+        # compiling; the capture step records the graph.
+        setup = capture_now or self.eager_steps == 0
         started = time.perf_counter()
         if capture_now:
             self._capture(images, labels)

@@ -288,7 +288,7 @@ class Trainer:
         state.epoch_partial = []
         if metrics.setup_seconds:
             self.setup_seconds += metrics.setup_seconds
-            self.logger.message(f"compiling/capturing the step took {metrics.setup_seconds:.1f}s "
+            self.logger.message(f"set-up (first step, compiling, capturing) took {metrics.setup_seconds:.1f}s "
                                 "(not counted in the epoch's time)")
         return metrics
 

@@ -185,6 +185,19 @@ def test_compiled_step_matches_eager():
     assert losses[True] == pytest.approx(losses[False], rel=1e-2)
 
 
+def test_the_first_step_is_timed_as_set_up_and_later_ones_are_not(monkeypatch):
+    """The first step of a process pays one-time costs (on a GPU: loading cuDNN and
+    autotuning every convolution, ~9 s on an H200), which belong to set-up, not to epoch 1.
+    The clock is faked so that each step 'takes' 1 s: exactly one second is set-up."""
+    clock = iter(range(0, 1000, 1))
+    monkeypatch.setattr("cifar_ddp.step.time.perf_counter", lambda: float(next(clock)))
+    step, _ = make_step(tiny_model())
+    for seed in range(3):
+        step.set_lr(0.1)
+        step(*batch(seed))
+    assert step.setup_seconds == 1.0
+
+
 # ------------------------------------------------------------------ whole-epoch augmentation
 
 
