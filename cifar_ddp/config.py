@@ -314,7 +314,7 @@ def validate(cfg: Config) -> None:
     count, meaning, example = WIDTHS_PER_MODEL[m.name]
     _require(not m.widths or (len(m.widths) == count and all(w >= 1 for w in m.widths)),
              f"model.widths is {m.widths}; {m.name} takes {count} positive channel counts ({meaning}), "
-             f"e.g. {example}, or leave it out for those")
+             f"e.g. {example}, or model.widths=[] for those")
     _require(0 <= m.dropout < 1, f"model.dropout is {m.dropout}; it must be in [0, 1)")
     _require(m.num_classes >= 2, "model.num_classes must be at least 2")
     _require(d.fake_size >= 1, "data.fake_size must be at least 1")

@@ -20,9 +20,6 @@ class TracedLayer:
     module: nn.Module
     input_shape: Tuple[int, ...]
     output_shape: Tuple[int, ...]
-    # False when the layer's input is not the previous layer's output: a branch,
-    # a skip connection or a functional op in between.
-    chained: bool
 
     @property
     def label(self) -> str:
@@ -55,14 +52,12 @@ def trace_layers(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> L
 
     def hook(module: nn.Module, inputs, output) -> None:
         x = inputs[0] if inputs else None
-        chained = (not last_output) or _same_tensor(x, last_output[-1])
         records.append(TracedLayer(
             index=len(records) + 1,
             type_name=type(module).__name__,
             module=module,
             input_shape=tuple(x.shape) if isinstance(x, torch.Tensor) else (),
             output_shape=tuple(output.shape) if isinstance(output, torch.Tensor) else (),
-            chained=chained,
         ))
         last_output[:] = [output]
 
@@ -76,7 +71,7 @@ def trace_layers(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> L
         output = model(torch.zeros(1, *input_size, device=device, dtype=dtype))
         if records and not _same_tensor(output, last_output[-1]):
             records.append(TracedLayer(len(records) + 1, "<output>", nn.Identity(), records[-1].output_shape,
-                                       tuple(output.shape), chained=False))
+                                       tuple(output.shape)))
     finally:
         model.train(was_training)
         for handle in handles:

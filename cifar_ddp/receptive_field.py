@@ -1,31 +1,34 @@
-"""Receptive field computed from the module itself, layer by layer.
+"""Receptive field computed from the module itself, over every path of its graph.
 
-For a chain of layers, with j the distance (in input pixels) between two
+Along one path of layers, with j the distance (in input pixels) between two
 neighbouring units of the current feature map and r the receptive field:
     effective kernel  k_eff = dilation * (k - 1) + 1
     r_out = r_in + (k_eff - 1) * j_in
     j_out = j_in * stride
 Layers that do not mix pixels (BN, activations, dropout, 1x1 convs) leave r and
-j unchanged. Global average pooling ends the spatial part of the network: the
-reported receptive field is that of the last spatial feature map before it.
+j unchanged. A model with branches (residual shortcuts, concatenations) is traced
+into its graph with torch.fx; every node keeps the (r, j) of each distinct path
+that reaches it, a join (x + f(x), cat) takes the union, and a unit's receptive
+field is the largest over its paths: with centred kernels all paths are centred
+on the same pixel, so the union of their windows is the largest one. Global
+average pooling ends the spatial part of the network: the reported receptive
+field is that of the last spatial feature map before it. What the walk cannot
+describe (an op that changes the resolution without a known geometry, a model
+torch.fx cannot trace, a layer called twice) is refused with the reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+import torch
+import torch.fx
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import UserError
 from .layer_trace import TracedLayer, trace_layers
-
-_POINTWISE = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid,
-    nn.Tanh, nn.Hardswish, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity,
-)
-
 
 class ReceptiveFieldError(UserError):
     """The module holds something the chain formula cannot describe."""
@@ -96,42 +99,118 @@ def _geometry(layer: TracedLayer) -> Optional[Tuple[int, int, int, int]]:
     return None
 
 
+# The (receptive field, jump) of each distinct path from the input to a node.
+Paths = FrozenSet[Tuple[int, int]]
+
+
+class _LeafModuleTracer(torch.fx.Tracer):
+    """Every module without children is one node (so a custom leaf like a cropping
+    module is seen, and refused, by its name), everything else is traced through."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return next(iter(m.children()), None) is None
+
+
+def _spatial_size(node: torch.fx.Node) -> Optional[Tuple[int, int]]:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) == 4 else None
+
+
+def _trace_graph(model: nn.Module, input_size: Sequence[int]) -> torch.fx.GraphModule:
+    try:
+        graph = _LeafModuleTracer().trace(model)
+    except Exception as exc:  # fx raises many types; each means "not a static graph"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReceptiveFieldError(
+            f"{type(model).__name__} cannot be traced into a static graph by torch.fx ({reason}); "
+            "the receptive field is computed only for models without data-dependent control flow") from None
+    traced = torch.fx.GraphModule(model, graph)
+    was_training = model.training
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    try:
+        traced.eval()
+        with torch.no_grad():
+            ShapeProp(traced).propagate(torch.zeros(1, *input_size, device=device, dtype=dtype))
+    finally:
+        model.train(was_training)
+    return traced
+
+
 def receptive_field(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> ReceptiveFieldReport:
-    """Per-layer receptive-field table of `model` for one input of `input_size` (C, H, W)."""
+    """Per-layer receptive-field table of `model` for one input of `input_size` (C, H, W):
+    one row per leaf layer in forward order (the summary's rows) and one per join."""
+    layers = trace_layers(model, input_size)
+    label_of: Dict[int, TracedLayer] = {}
+    for layer in layers:
+        if id(layer.module) in label_of and layer.type_name != "<output>":
+            raise ReceptiveFieldError(f"{layer.label} is the same module as {label_of[id(layer.module)].label}, "
+                                      "called twice; the receptive field of a reused layer is not computed")
+        label_of[id(layer.module)] = layer
+    traced = _trace_graph(model, input_size)
+    modules = dict(traced.named_modules())
+
+    paths: Dict[torch.fx.Node, Paths] = {}     # spatial nodes only
+    ended: Dict[torch.fx.Node, bool] = {}      # nodes after global pooling
     rows: List[RFRow] = []
-    rf, jump = 1, 1
-    spatial_done = False
-    for layer in trace_layers(model, input_size):
-        if not layer.chained:
-            raise ReceptiveFieldError(
-                f"{layer.label} does not take the previous layer's output (a branch, skip connection "
-                "or functional op sits in between); the receptive field of such a graph cannot be "
-                "computed layer by layer"
-            )
-        out_hw = tuple(layer.output_shape[-2:]) if len(layer.output_shape) == 4 else (1, 1)
-        in_hw = tuple(layer.input_shape[-2:]) if len(layer.input_shape) == 4 else (1, 1)
-        geometry = _geometry(layer)
-        is_global = False
-        if spatial_done:
-            # After global pooling every unit already sees the whole image.
-            kernel, stride, padding, dilation = 1, 1, 0, 1
-        elif geometry is not None:
+    final_paths: set = set()
+
+    def largest(node_paths: Paths) -> Tuple[int, int]:
+        return max(node_paths) if node_paths else (1, 1)
+
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            paths[node] = frozenset({(1, 1)})
+            continue
+        if node.op in ("get_attr", "output"):
+            if node.op == "output":
+                for arg in node.all_input_nodes:
+                    final_paths.update(paths.get(arg, ()))
+            continue
+        inputs = node.all_input_nodes
+        incoming = frozenset().union(*(paths[n] for n in inputs if n in paths))
+        after_global = any(ended.get(n, False) for n in inputs)
+        in_hw = next((_spatial_size(n) for n in inputs if _spatial_size(n) is not None), None)
+        out_hw = _spatial_size(node)
+        layer = label_of.get(id(modules[node.target])) if node.op == "call_module" else None
+        name = layer.label if layer is not None else node.name
+        if not incoming:
+            # After global pooling every unit sees the whole image; a constant sees nothing.
+            # (A node that mixes a spatial input with a global one, like a squeeze-excitation
+            # gate, stays spatial: its local paths go on.)
+            ended[node] = after_global
+            if layer is not None:
+                rows.append(RFRow(name, 1, 1, 1, 1, 0, 0, 0, out_hw or (1, 1), is_global=after_global))
+            continue
+        geometry = _geometry(layer) if layer is not None else None
+        if geometry is not None:
             kernel, stride, padding, dilation = geometry
-        elif isinstance(layer.module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and out_hw == (1, 1):
-            kernel, stride, padding, dilation = in_hw[0], in_hw[0], 0, 1
-            is_global = True
-        elif isinstance(layer.module, _POINTWISE) or in_hw == out_hw:
-            kernel, stride, padding, dilation = 1, 1, 0, 1
+            effective = dilation * (kernel - 1) + 1
+            paths[node] = frozenset((r + (effective - 1) * j, j * stride) for r, j in incoming)
+        elif out_hw is None or (out_hw == (1, 1) and in_hw != (1, 1)):
+            # Global pooling (or a flatten into a linear layer): the spatial part ends here.
+            final_paths.update(incoming)
+            ended[node] = True
+            if layer is not None:
+                rf, jump = largest(incoming)
+                rows.append(RFRow(name, in_hw[0], 1, in_hw[0], in_hw[0], 0, jump, rf, (1, 1), is_global=True))
+            continue
+        elif out_hw == in_hw:
+            kernel, stride, padding, dilation, effective = 1, 1, 0, 1, 1
+            paths[node] = incoming
         else:
+            what = name if layer is not None else f"the operation '{node.name}' ({node.target})"
             raise ReceptiveFieldError(
-                f"{layer.label} changes the feature map from {in_hw} to {out_hw} and is not a layer "
-                "whose geometry is known (Conv2d, MaxPool2d, AvgPool2d, global pooling)"
-            )
-        effective = dilation * (kernel - 1) + 1
-        if not spatial_done and not is_global:
-            rf += (effective - 1) * jump
-            jump *= stride
-        spatial_done = spatial_done or is_global
-        rows.append(RFRow(layer.label, kernel, dilation, effective, stride, padding, jump, rf,
-                          (int(out_hw[0]), int(out_hw[1])), is_global=spatial_done))
+                f"{what} changes the feature map from {in_hw} to {out_hw} and is not a layer whose "
+                "geometry is known (Conv2d, MaxPool2d, AvgPool2d, global pooling)")
+        joins = sum(1 for n in inputs if n in paths) > 1
+        if layer is not None or joins:
+            rf, jump = largest(paths[node])
+            rows.append(RFRow(name, kernel, dilation, effective, stride, padding, jump, rf, out_hw))
+    rf = largest(frozenset(final_paths))[0]
+    for layer in layers:  # the summary's pseudo-row for an output that is not a layer's
+        if layer.type_name == "<output>":
+            rows.append(RFRow(layer.label, 1, 1, 1, 1, 0, 0, rf, (1, 1), is_global=bool(ended)))
     return ReceptiveFieldReport(rows=rows, receptive_field=rf)

@@ -80,25 +80,93 @@ def test_empirical_extent_matches_other_stacks(layers):
     assert gradient_extent(model, 96) == receptive_field(model, (3, 96, 96)).receptive_field
 
 
-class Branchy(nn.Module):
+class ResidualToy(nn.Module):
+    """Shortcuts, a strided join and a concatenation: the longest path is every conv,
+    3 (s2, j=2) +8 (d2) +4 (s2, j=4) +24 (d3) = 39; the shortest skips both branches, 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv(3, 4, s=2)
+        self.body = conv(4, 4, d=2)
+        self.down = conv(4, 4, s=2)
+        self.wide = conv(4, 4, d=3)
+        self.narrow = conv(4, 4, k=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.down(x + self.body(x))
+        return torch.cat([self.wide(x), self.narrow(x)], dim=1)
+
+
+def positive(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.abs_()
+    return model
+
+
+def test_residual_graph_takes_the_longest_path_and_matches_the_gradient():
+    report = receptive_field(ResidualToy(), (3, 96, 96))
+    assert report.receptive_field == 39
+    rows = {r.layer: r for r in report.rows}
+    assert rows["add"].receptive_field == 11 and rows["add"].jump == 2   # max(stem, stem + body)
+    assert rows["cat"].receptive_field == 39 and rows["cat"].jump == 4
+    assert gradient_extent(positive(ResidualToy()), 96) == 39
+
+
+def test_sep_resnet_keeps_the_seed_rules():
+    model = build_model("sep_resnet")
+    assert sum(p.numel() for p in model.parameters()) <= 150_576
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)) for m in model.modules())
+    for block in (model.c1, model.c2, model.c3, model.c4):   # a dilated conv in every block
+        assert any(isinstance(m, nn.Conv2d) and m.dilation[0] > 1 for m in block.modules())
+    assert any(isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 for m in model.c1.modules())
+    assert receptive_field(model).receptive_field == 93
+    features = positive(nn.Sequential(model.c1, model.c2, model.c3, model.c4))
+    assert gradient_extent(features, 192) == receptive_field(features, (3, 192, 192)).receptive_field == 93
+
+
+class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()
         self.a = conv(3, 4)
-        self.b = conv(4, 4)
 
     def forward(self, x):
-        y = self.a(x)
-        return self.b(y) + y
+        return self.a(x) if x.sum() > 0 else x
+
+
+class InlineShrink(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv(3, 4)
+
+    def forward(self, x):
+        return self.a(x)[..., ::2, ::2]
+
+
+class Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv(3, 3)
+
+    def forward(self, x):
+        return self.a(self.a(x))
+
+
+@pytest.mark.parametrize("model, message", [
+    (DataDependent(), "cannot be traced"),
+    (InlineShrink(), "operation 'getitem'"),
+    (Reused(), "called twice"),
+])
+def test_what_the_graph_walk_cannot_describe_is_refused(model, message):
+    with pytest.raises(ReceptiveFieldError, match=message):
+        receptive_field(model)
 
 
 class Shrinker(nn.Module):
     def forward(self, x):
         return x[..., ::2, ::2]
-
-
-def test_branch_is_refused():
-    with pytest.raises(ReceptiveFieldError, match="branch"):
-        receptive_field(Branchy())
 
 
 def test_unknown_resolution_change_is_refused():

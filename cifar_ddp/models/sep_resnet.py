@@ -4,19 +4,19 @@ Same skeleton as the seed - C1 | C2 | C3 | C4 | Output, no max-pooling, a dilate
 conv in every block, global average pooling, at most 150,576 parameters, receptive
 field >= 91 - but every block after the stem is made of *residual* depthwise-
 separable units, so the parameters go into width (channels up to 192 against the
-seed's 64) and every unit has an identity path for the gradient, which is what lets
-a deep narrow net train in a few epochs.
+seed's 64) and depth, and every unit has an identity path for the gradient so that
+the deeper net still trains fast. docs/results.md has what it reaches against the seed.
 
-    stem    3x3 conv, 3 -> w1                                  32x32
-    C1      separable residual unit, dilation 2;  down to w2   32 -> 16
-    C2      2 separable residual units (one dilated); down     16 -> 8
-    C3      2 separable residual units (one dilated); down      8 -> 4
-    C4      separable residual unit, dilation 2                 4x4
-    Output  GAP -> linear w4 -> classes
+    C1      3x3 conv stem, 3 -> w1; separable residual unit, dilation 2;
+            separable down unit (stride 2) to w2                        32 -> 16
+    C2      2 separable residual units, both dilation 2; down to w3     16 -> 8
+    C3      2 separable residual units (the first dilation 2); down     8 -> 4
+    C4      separable residual unit, dilation 2                          4x4
+    Output  GAP -> dropout -> linear w4 -> classes
 
-Receptive field along the longest path (all convs, no shortcut taken):
-    3 | +4(d2) +2(s2) | +8(d2) +4 +4(s2) | +16(d2) +8 +8(s2) | +32(d2) = 89 ... +2
-see `python -m cifar_ddp.summary --model sep_resnet` for the computed table.
+Receptive field along the longest path (every conv, no shortcut taken):
+    3 +4(d2) +2(s2) | +8(d2) +8(d2) +4(s2) | +16(d2) +8 +8(s2) | +32(d2) = 93
+(`python -m cifar_ddp.summary model.name=sep_resnet` computes it from the module graph).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class SepResNet(nn.Module):
         )
         self.c2 = nn.Sequential(
             SeparableResidualUnit(w2, dilation=2),
-            SeparableResidualUnit(w2),
+            SeparableResidualUnit(w2, dilation=2),
             SeparableDownUnit(w2, w3),                                    # 16 -> 8
         )
         self.c3 = nn.Sequential(
