@@ -49,7 +49,6 @@ from cifar_ddp.config import load_config; from cifar_ddp.data.sources import loa
 load_dataset(load_config('configs/fast85_gpu.yaml', ['data.root=$DATA']).data)"
 step fast85_gpu 100 python3 launch/train.py --config configs/fast85_gpu.yaml data.root="$DATA" \
   out_dir=/tmp/runs/fast85_gpu train.progress_bar=false
-cp /tmp/runs/fast85_gpu/training_log.md "$OUT/fast85_gpu_training_log.md" 2>/dev/null
 step throughput_512 150 python3 benchmarks/throughput.py --batch-size 512 --steps 200 --images 16384
 step throughput_512_graph 45 python3 benchmarks/throughput.py --batch-size 512 --steps 200 --images 16384 \
   --skip naive --skip compiled --set train.cuda_graph=true
@@ -60,3 +59,6 @@ recipes=$!
 step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 wait $recipes
 cat "$OUT/summary.txt" "$OUT/recipes/summary.txt" 2>/dev/null
+# The device tool returns only a handful of files: every log goes back in one archive.
+for run in /tmp/runs/*/; do cp "$run/training_log.md" "$OUT/recipes/$(basename "$run").training_log.md" 2>/dev/null; done
+(cd "$OUT" && shopt -s nullglob && python3 -m tarfile -c logs.tgz ./*.log recipes && rm -rf ./*.log recipes)

@@ -74,5 +74,4 @@ for log in "$LOGS"/seed100_s*.log "$LOGS"/sep_resnet*_s*.log; do
   name=$(basename "$log" .log)
   echo "$name: final accuracy $(accuracy "$name"); last epoch line: $(grep '^epoch' "$log" | tail -n 1)" \
     | tee -a "$LOGS/summary.txt"
-  cp "/tmp/runs/$name/training_log.md" "$LOGS/$name.training_log.md" 2>/dev/null
 done

@@ -2,6 +2,7 @@
 
 import warnings
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -130,16 +131,19 @@ def test_batched_shift_moves_pixels_by_the_drawn_fraction():
     assert torch.allclose(out[1, :, :-8, :], plain[1, :, 8:, :], atol=1e-4)   # 8 px up
 
 
-def test_batched_rotation_by_90_degrees():
-    images = torch.from_numpy(random_images(1))
+def test_batched_rotation_turns_the_way_albumentations_does():
+    """+90 degrees is a quarter turn counter-clockwise in both paths (OpenCV's convention),
+    pixel for pixel; the opposite turn must not pass."""
+    images = random_images(1)
     augment = BatchAugment(only(), STATS)
     params = augment.sample(1, 32, 32, torch.Generator().manual_seed(0))
     params["affine"][:] = True
     params["angle"] = torch.tensor([90.0])
-    out = augment.apply(images, params)
-    plain = normalize_batch(images, STATS)
-    turned = [torch.rot90(plain[0], k, dims=(1, 2)) for k in (1, 3)]
-    assert any(torch.allclose(out[0], t, atol=1e-4) for t in turned)
+    out = augment.apply(torch.from_numpy(images), params)
+    reference = A.Affine(rotate=(90, 90), p=1.0)(image=images[0])["image"]
+    assert np.array_equal(reference, np.rot90(images[0], 1, axes=(0, 1)))
+    expected = normalize_batch(torch.from_numpy(reference.copy())[None], STATS)[0]
+    assert torch.allclose(out[0], expected, atol=1e-4)
 
 
 def test_batched_and_albumentations_agree_in_distribution():

@@ -27,10 +27,11 @@ def seed_rows():
     return rows
 
 
-def test_reference_table_is_complete():
+def test_reference_table_is_complete_and_is_the_model():
     rows = seed_rows()
-    assert len(rows) == 54
-    assert sum(r[2] for r in rows) == 150_576
+    model = build_model("seed")
+    assert len(rows) == 54 == len(summarize(model))
+    assert sum(r[2] for r in rows) == 150_576 == sum(p.numel() for p in model.parameters())
 
 
 def test_summary_matches_seed_table_row_by_row():

@@ -25,6 +25,10 @@ def conv(cin, cout, k=3, s=1, d=1, p=None, groups=1):
     ([conv(3, 4, s=2, d=2), conv(4, 4)], 9),
     # pooling counts as a kernel too: 3 -> maxpool 2/2 adds 1 -> 4, j=2 -> 3x3 adds 4 -> 8
     ([conv(3, 4), nn.MaxPool2d(2), conv(4, 4)], 8),
+    # two strides: 3 (j=2) -> +2*2 = 7 (j=4) -> dilated +4*4 = 23
+    ([conv(3, 4, s=2), conv(4, 4, s=2), conv(4, 4, d=2)], 23),
+    # three strides, a 5x5 and a strided dilated conv: 5 (j=2) -> +4*2 = 13 (j=4) -> +2*4 = 21 (j=8) -> +2*8 = 37
+    ([conv(3, 4, k=5, s=2), conv(4, 4, s=2, d=2), conv(4, 4, s=2), conv(4, 4)], 37),
 ])
 def test_hand_computed_stacks(layers, expected):
     model = nn.Sequential(*layers, nn.ReLU())

@@ -167,9 +167,10 @@ class BatchAugment:
             # affine_grid maps output to input coordinates in [-1, 1]: the inverse of
             # "scale, rotate about the centre, then shift by a fraction of the size"
             # (a shift of f of the image is 2f in these coordinates).
+            # A positive angle turns the picture counter-clockwise, as albumentations (OpenCV) does.
             angle = params["angle"] * (math.pi / 180.0)
             cos, sin = torch.cos(angle) / params["scale"], torch.sin(angle) / params["scale"]
-            inverse = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
+            inverse = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
             offset = -(inverse @ (2.0 * params["shift"]).unsqueeze(2))
             grid = F.affine_grid(torch.cat([inverse, offset], 2), list(x.shape), align_corners=False)
             padding = "reflection" if cfg.border_mode == "reflect" else "zeros"
