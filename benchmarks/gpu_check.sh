@@ -21,7 +21,7 @@ set -uo pipefail
 export OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 STARTED=$(date +%s)
-export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
+export PYTHONUNBUFFERED=1
 DATA=${1:-/tmp/cifar10-jpeg}
 if ls .dev/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/*.whl \

@@ -18,7 +18,7 @@ DATA=${1:-/tmp/cifar10-jpeg}
 DEADLINE=${DEADLINE:-$(( $(date +%s) + 600 ))}
 LOGS="$OUT/recipes"
 mkdir -p "$LOGS"
-export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 OMP_NUM_THREADS=2
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 
 train() {  # train NAME CONFIG OVERRIDES...: in the background, bounded by DEADLINE
   local name=$1 config=$2; shift 2

@@ -35,8 +35,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-# The DataLoader workers of the naive path import albumentations: no update check.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -1,8 +1,16 @@
 """cifar_ddp: a distributed PyTorch trainer for compact CNNs on CIFAR-10."""
 
-from .config import Config, load_config
-from .errors import ConfigError, UserError
-from .receptive_field import ReceptiveFieldError, receptive_field
+import os
+
+# albumentations (imported later, also in DataLoader workers, which inherit this) asks
+# PyPI for a newer version at import unless told not to: on an offline machine - a GPU
+# node, a cluster's compute nodes - that is a warning per process and a delay. The
+# package never phones home; a user who wants the check sets the variable to 0 themselves.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from .config import Config, load_config  # noqa: E402
+from .errors import ConfigError, UserError  # noqa: E402
+from .receptive_field import ReceptiveFieldError, receptive_field  # noqa: E402
 
 __all__ = ["Config", "load_config", "ConfigError", "UserError", "ReceptiveFieldError", "receptive_field"]
 __version__ = "0.1.0"

@@ -1,19 +1,24 @@
-"""Checkpoints that are never half-written and never silently wrong.
+"""Checkpoints that are never half-written, never silently wrong, and plain PyTorch files.
 
 Layout under <out_dir>/checkpoints/:
     step-00001234.pt   one per save, the newest `keep_checkpoints` are kept
     last.pt            the newest save again (what users and `evaluate.py` pick up)
     best.pt            the save with the best test accuracy so far
-Each file is written to a temporary name in the same folder, flushed to disk,
-then renamed over its final name: a crash mid-save leaves the previous file.
-Each file carries a SHA-256 of its payload, checked on load, so truncation or
-corruption is detected and `resume=auto` falls back to the previous save.
+    <name>.sha256      beside each: its SHA-256, in `sha256sum` format (`sha256sum -c` checks it)
+Each .pt file is what `torch.save` writes - a dict of tensors and plain values (numbers,
+strings, lists, dicts) - so `torch.load(path, weights_only=True)` reads it anywhere, and
+this project reads it the same way: a file that holds anything else (a pickle that could
+run code) is refused. Each file is written to a temporary name in the same folder,
+flushed to disk, then renamed over its final name, then its checksum likewise: a crash
+mid-save leaves the previous file, and a file whose checksum does not match is treated as
+damaged, so `--resume` falls back to the previous save.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -24,8 +29,9 @@ import torch
 from .errors import UserError
 from .files import atomic_write
 
-FORMAT_VERSION = 1
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+# Files written before checkpoints were plain torch.save files: a header, then the body.
+_OLD_HEADER = b"CIFARDDP1\n"
 
 
 class CheckpointError(UserError):
@@ -36,34 +42,71 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def encode(payload: Dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    body = buffer.getvalue()
-    digest = hashlib.sha256(body).hexdigest().encode()
-    # Header: magic, version, checksum of the body; then the torch.save body.
-    return b"CIFARDDP" + str(FORMAT_VERSION).encode() + b"\n" + digest + b"\n" + body
+    return buffer.getvalue()
 
 
-def decode(data: bytes, source: str) -> Dict[str, Any]:
-    header = b"CIFARDDP" + str(FORMAT_VERSION).encode() + b"\n"
-    if not data.startswith(header):
-        raise CheckpointError(f"'{source}' is not a cifar_ddp checkpoint (or is from an incompatible version)")
-    rest = data[len(header):]
-    digest, _, body = rest.partition(b"\n")
-    if hashlib.sha256(body).hexdigest().encode() != digest:
-        raise CheckpointError(f"'{source}' is truncated or corrupt (checksum mismatch)")
-    # weights_only=False: the payload holds plain Python containers and RNG states we wrote ourselves.
-    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
+def write_file(path: Path, data: bytes) -> None:
+    """The checkpoint, then its checksum, each replaced atomically."""
+    atomic_write(path, data)
+    atomic_write(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
 
 
-def load_file(path: str | Path) -> Dict[str, Any]:
+def _verify(path: Path, data: bytes) -> bytes:
+    """The torch.save body of `data`, checked against its checksum wherever there is one."""
+    if data.startswith(_OLD_HEADER):
+        digest, _, body = data[len(_OLD_HEADER):].partition(b"\n")
+        if hashlib.sha256(body).hexdigest().encode() != digest:
+            raise CheckpointError(f"'{path}' is truncated or corrupt (checksum mismatch)")
+        warnings.warn(f"'{path}' is in cifar_ddp's pre-1.0 checkpoint format (readable here, not by torch.load); "
+                      "`python -m cifar_ddp.checkpoint upgrade FILE` rewrites it as a plain torch.save file",
+                      stacklevel=3)
+        return body
+    sidecar = checksum_path(path)
+    if sidecar.is_file():
+        expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"'{path}' is truncated or corrupt (its SHA-256 differs from {sidecar.name})")
+    else:
+        warnings.warn(f"'{path}' has no {sidecar.name} beside it: loaded without an integrity check", stacklevel=3)
+    return data
+
+
+def load_file(path: str | Path, expect: Tuple[str, ...] = ("model", "config")) -> Dict[str, Any]:
+    """A checkpoint's payload, loaded with weights_only=True: tensors and plain values only.
+    `expect`: the entries it must have (a training checkpoint's, by default)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' is a folder; pass a .pt file in it, e.g. {path / 'last.pt'}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
-    return decode(path.read_bytes(), str(path))
+    body = _verify(path, path.read_bytes())
+    if not body.startswith(b"PK\x03\x04"):   # every torch.save file is a zip archive
+        raise CheckpointError(f"'{path}' is not a cifar_ddp checkpoint (not a file written by torch.save)")
+    try:
+        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any class or function it does not know: such a file could
+        # run code when unpickled. The first line of torch's message names the culprit.
+        culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line), "")
+        raise CheckpointError(f"'{path}' holds Python objects other than tensors and plain values, and was not "
+                              f"loaded (unpickling it could run code{': ' + culprit if culprit else ''}); "
+                              "only checkpoints written by cifar_ddp or plain state dicts are read") from None
+    except Exception as exc:  # noqa: BLE001 - torch reports a damaged archive in many ways
+        raise CheckpointError(f"'{path}' is truncated or corrupt ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
+    missing = [key for key in expect if not isinstance(payload, dict) or key not in payload]
+    if missing or not isinstance(payload, dict):
+        raise CheckpointError(f"'{path}' is a PyTorch file but not a cifar_ddp checkpoint (it has no "
+                              f"{' or '.join(repr(k) for k in missing) or 'dict'} entry); evaluate and resume need "
+                              "one written by launch/train.py")
+    return payload
 
 
 def step_files(directory: Path) -> List[Tuple[int, Path]]:
@@ -81,12 +124,14 @@ def save(directory: Path, payload: Dict[str, Any], global_step: int, keep: int, 
     """Write step-N.pt, last.pt (and best.pt), then prune old step files."""
     data = encode(payload)
     step_path = directory / f"step-{global_step:08d}.pt"
-    atomic_write(step_path, data)
-    atomic_write(directory / "last.pt", data)
+    # The step file first: a crash while last.pt is replaced leaves this intact copy.
+    write_file(step_path, data)
+    write_file(directory / "last.pt", data)
     if is_best:
-        atomic_write(directory / "best.pt", data)
+        write_file(directory / "best.pt", data)
     for _, old in step_files(directory)[keep:]:
         old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
     # Temporary files left by a save that was killed half-way are never read; clear them.
     for stale in directory.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
@@ -110,7 +155,7 @@ def find_resumable(directory: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
         try:
             payload = load_file(path)
         except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
-            damaged.append(f"'{path}' ({exc})")
+            damaged.append(str(exc) if isinstance(exc, CheckpointError) else f"'{path}' ({exc})")
             continue
         step = int(payload.get("train_state", {}).get("global_step", -1))
         if best is None or step > best[0]:   # on a tie the step file, listed first, stays
@@ -145,3 +190,36 @@ def check_architecture(payload: Dict[str, Any], model_state: Dict[str, torch.Ten
         f"checkpoint '{source}' was saved from a different architecture: {detail}. "
         f"Use the model settings it was trained with (they are stored in the checkpoint's config) {advice}"
     )
+
+
+def upgrade(path: Path) -> None:
+    """Rewrite a checkpoint (of any format this version reads) as a plain torch.save file
+    with its checksum beside it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the "old format" note is why we are here
+        payload = load_file(path, expect=())
+    write_file(path, encode(payload))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m cifar_ddp.checkpoint",
+                                     description="Rewrite checkpoints of the pre-1.0 format as plain torch.save "
+                                                 "files with a .sha256 beside each.")
+    parser.add_argument("command", choices=["upgrade"])
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    for path in args.files:
+        try:
+            upgrade(path)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"upgraded {path} (+ {checksum_path(path).name})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

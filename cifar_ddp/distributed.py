@@ -9,6 +9,7 @@ LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -143,6 +144,10 @@ def shutdown(ctx: DistContext) -> None:
     # Without an explicit destroy, a gloo rank sometimes aborts at interpreter exit
     # ("terminate called without an active exception").
     if ctx.is_distributed and dist.is_initialized():
+        # DDP's reducer holds the process group and sits in reference cycles (its hooks),
+        # so only the garbage collector frees it - otherwise at interpreter exit, while
+        # gloo's threads are being torn down. Free it now, while the group is whole.
+        gc.collect()
         # Leave together: a rank tearing down while its peer still talks to it is what
         # leaves gloo threads running into interpreter exit.
         try:

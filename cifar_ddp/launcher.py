@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -42,6 +43,10 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
         work(cfg, loaded, ctx)
     except Preempted:
         code = EXIT_RESUMABLE      # every rank stops at the same step: they leave together
+        # The checkpoint is written. torchrun stops the other ranks (SIGTERM) as soon as the
+        # first one exits non-zero; a rank still tearing down then says "resumable" too.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: os._exit(EXIT_RESUMABLE))
     except UserError as exc:
         # Every failing rank says why (under a launcher, prefixed with its rank): an error
         # may be one rank's alone, e.g. a file only rank 0 writes.

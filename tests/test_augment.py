@@ -227,3 +227,23 @@ def test_crop_draws_come_after_the_others_so_old_recipes_draw_the_same():
     assert not without["crop"].any() and 0.4 < with_crop["crop"].float().mean() < 0.6
     uncropped = ~with_crop["crop"]
     assert not with_crop["crop_dy"][uncropped].any() and not with_crop["crop_dx"][uncropped].any()
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_the_package_turns_off_albumentations_update_check_unless_the_user_chose(preset, expected):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    if preset is not None:
+        env["NO_ALBUMENTATIONS_UPDATE"] = preset
+    probe = ("import os, sys, cifar_ddp.data.transforms as t; t.albumentations_train; "
+             "assert 'albumentations' not in sys.modules or os.environ['NO_ALBUMENTATIONS_UPDATE']; "
+             "print(os.environ.get('NO_ALBUMENTATIONS_UPDATE'))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected

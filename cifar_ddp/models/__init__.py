@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Union
+from typing import Any, Callable, Dict, Union
 
 from torch import nn
 
-from ..config import WIDTHS_PER_MODEL, Config, ModelConfig
+from ..config import WIDTHS_PER_MODEL, Config, ModelConfig, config_from_dict
 from ..errors import ConfigError
 from .seed import SeedNet
 from .sep_resnet import SepResNet
@@ -14,8 +14,12 @@ from .sep_resnet import SepResNet
 _BUILDERS: Dict[str, Callable[..., nn.Module]] = {"seed": SeedNet, "sep_resnet": SepResNet}
 
 
-def build_model(cfg_or_name: Union[str, Config, ModelConfig]) -> nn.Module:
-    """Build the network a config (or a bare model name, with default settings) asks for."""
+def build_model(cfg_or_name: Union[str, Config, ModelConfig, Dict[str, Any]]) -> nn.Module:
+    """Build the network a config asks for: a Config, its `model` part, a bare model name
+    (default settings), or the config dict a checkpoint stores, so that
+    `build_model(ck["config"]).load_state_dict(ck["model"])` rebuilds a trained model."""
+    if isinstance(cfg_or_name, dict):
+        cfg_or_name = config_from_dict(cfg_or_name)
     if isinstance(cfg_or_name, str):
         model_cfg = ModelConfig(name=cfg_or_name)  # type: ignore[arg-type]
     elif isinstance(cfg_or_name, Config):

@@ -1,0 +1,105 @@
+"""Checkpoint files are plain torch.save files, loaded with weights_only=True, with a
+SHA-256 beside each: readable by any PyTorch tool, refused when they could run code,
+caught when damaged even at the same length."""
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_ddp import checkpoint as ckpt
+from cifar_ddp.models import build_model
+
+from conftest import REPO, job_env, train_in_process
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    train_in_process(out, **{"train.epochs": 2, "train.ema_decay": 0.9})
+    return ckpt.checkpoint_dir(out)
+
+
+def test_every_checkpoint_is_a_plain_torch_file_with_its_checksum(trained: Path):
+    files = sorted(trained.glob("*.pt"))
+    assert {p.name for p in files} >= {"last.pt", "best.pt", "step-00000012.pt"}
+    for path in files:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        digest, name = ckpt.checksum_path(path).read_text().split()
+        assert name == path.name and digest == hashlib.sha256(path.read_bytes()).hexdigest()
+        # What a user does with it, outside the trainer.
+        model = build_model(payload["config"])
+        model.load_state_dict(payload["model"])
+        assert torch.equal(model.state_dict()["c1.0.0.weight"], payload["model"]["c1.0.0.weight"])
+
+
+class RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted(path: Path, marker: Path, old_header: bool) -> Path:
+    buffer = io.BytesIO()
+    torch.save({"model": {}, "config": RunsCode(marker)}, buffer)
+    body = buffer.getvalue()
+    if old_header:   # the format of earlier versions: right header, right checksum
+        path.write_bytes(b"CIFARDDP1\n" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    else:
+        ckpt.write_file(path, body)
+    return path
+
+
+@pytest.mark.parametrize("old_header", [False, True])
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path: Path, old_header: bool):
+    marker = tmp_path / "ran"
+    bad = crafted(tmp_path / "downloaded.pt", marker, old_header)
+    done = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(bad)],
+                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert not marker.exists(), "the crafted pickle ran its command"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr
+    assert "holds Python objects other than tensors" in errors[0] and "was not loaded" in errors[0]
+
+
+def test_a_byte_changed_in_place_is_caught_and_resume_falls_back(tmp_path: Path):
+    out = tmp_path / "run"
+    train_in_process(out, **{"train.epochs": 2, "train.keep_checkpoints": 2})
+    directory = ckpt.checkpoint_dir(out)
+    for name in ("last.pt", "best.pt", "step-00000012.pt"):
+        path = directory / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01       # one bit, inside the tensors' bytes, same length
+        path.write_bytes(bytes(data))
+        with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt.*SHA-256 differs"):
+            ckpt.load_file(path)
+    with pytest.warns(UserWarning, match="cannot be used"):
+        found = ckpt.find_resumable(directory)
+    assert found is not None and found[0].name == "step-00000006.pt"
+
+
+def test_old_format_is_read_with_a_note_and_upgraded_to_a_plain_file(trained: Path, tmp_path: Path):
+    body = (trained / "last.pt").read_bytes()
+    old = tmp_path / "old.pt"
+    old.write_bytes(b"CIFARDDP1\n" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    with pytest.warns(UserWarning, match="pre-1.0 checkpoint format.*upgrade"):
+        assert ckpt.load_file(old)["train_state"]["global_step"] == 12
+    done = subprocess.run([sys.executable, "-m", "cifar_ddp.checkpoint", "upgrade", str(old)], cwd=REPO,
+                          env=job_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert old.read_bytes() == body and ckpt.checksum_path(old).is_file()
+    assert torch.load(old, map_location="cpu", weights_only=True)["train_state"]["global_step"] == 12
+
+
+def test_a_file_without_its_checksum_loads_with_a_warning(trained: Path, tmp_path: Path):
+    lone = tmp_path / "lone.pt"
+    lone.write_bytes((trained / "last.pt").read_bytes())
+    with pytest.warns(UserWarning, match="no lone.pt.sha256 beside it"):
+        assert "model" in ckpt.load_file(lone)
