@@ -10,6 +10,7 @@ from .data.loaders import eval_shard
 from .data.sources import ChannelStats, load_dataset
 from .distributed import DistContext
 from .engine import evaluate, resolve_precision
+from .inference import checkpoint_weights
 from .trainer import build_training_model, class_names
 
 
@@ -22,12 +23,7 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
     model = build_training_model(cfg, ctx)
     ckpt.check_architecture(payload, model.state_dict(), source,
                             advice="(drop the model.* overrides), or pass a checkpoint of this architecture")
-    uses_ema = payload.get("ema") is not None
-    if uses_ema:
-        # The EMA weights are what the run itself evaluated; AveragedModel keeps them under "module.".
-        state = {k[len("module."):]: v for k, v in payload["ema"].items() if k.startswith("module.")}
-    else:
-        state = payload["model"]
+    state, uses_ema = checkpoint_weights(payload)   # the weights the run itself evaluated
     model.load_state_dict(state)
     precision = resolve_precision(cfg.train.precision, ctx.device)
     shard = eval_shard(data.test, ctx.rank, ctx.world_size)

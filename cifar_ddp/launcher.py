@@ -44,9 +44,10 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
     except Preempted:
         code = EXIT_RESUMABLE      # every rank stops at the same step: they leave together
         # The checkpoint is written. torchrun stops the other ranks (SIGTERM) as soon as the
-        # first one exits non-zero; a rank still tearing down then says "resumable" too.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: os._exit(EXIT_RESUMABLE))
+        # first one exits non-zero, and they may still be leaving the group or finalizing
+        # the interpreter (which resets Python-level handlers, so a handler would not do):
+        # ignore it, and finish leaving with status 75 a moment later.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except UserError as exc:
         # Every failing rank says why (under a launcher, prefixed with its rank): an error
         # may be one rank's alone, e.g. a file only rank 0 writes.
@@ -125,3 +126,16 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
             print(json.dumps(report, indent=2) if as_json else format_report(report), flush=True)
 
     return _launch(prepare, work)
+
+
+def run_command(work: Callable[[], int]) -> int:
+    """A single-process tool (export, predict): a user error is one line and status 2."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    try:
+        return work()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

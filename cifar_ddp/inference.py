@@ -1,0 +1,95 @@
+"""A trained model for use outside the trainer: rebuilt from a checkpoint, in eval mode,
+with the training data's normalization built in, and image files read for it.
+
+The model takes float RGB images in [0, 1], NCHW (N x 3 x 32 x 32), any batch size, and
+returns logits. Pictures of another size are resized to 32 x 32 first (bilinear).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import config_from_dict
+from .errors import UserError
+from .models import build_model
+
+IMAGE_SIZE = 32
+
+
+class NormalizedModel(nn.Module):
+    """(x - mean) / std, then the network: what the exported files contain."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
+
+
+def checkpoint_weights(payload: Dict[str, Any], ema: Optional[bool] = None) -> Tuple[Dict[str, torch.Tensor], bool]:
+    """The state dict to evaluate and whether it is the EMA's. `ema=None` picks what the run
+    itself evaluated: the EMA weights when the run kept them, else the raw ones."""
+    has_ema = payload.get("ema") is not None
+    if ema and not has_ema:
+        raise UserError("this checkpoint has no EMA weights (the run had train.ema_decay=0); leave out --ema")
+    if ema is False or not has_ema:
+        return payload["model"], False
+    # The EMA keeps AveragedModel's layout: the weights under "module.", plus n_averaged.
+    return {k[len("module."):]: v for k, v in payload["ema"].items() if k.startswith("module.")}, True
+
+
+@dataclass
+class TrainedModel:
+    model: NormalizedModel      # CPU, fp32, eval mode
+    classes: List[str]
+    used_ema: bool
+    payload: Dict[str, Any]     # the whole checkpoint (config, data statistics, ...)
+
+
+def load_for_inference(path: str | Path, ema: Optional[bool] = None) -> TrainedModel:
+    payload = ckpt.load_file(path)
+    model = build_model(config_from_dict(payload["config"]))
+    state, used_ema = checkpoint_weights(payload, ema)
+    model.load_state_dict(state)
+    stats = payload["stats"]
+    wrapped = NormalizedModel(model, stats["mean"], stats["std"]).eval()
+    return TrainedModel(wrapped, list(payload["classes"]), used_ema, payload)
+
+
+def read_images(paths: Sequence[str | Path]) -> torch.Tensor:
+    """Image files (PNG, JPEG, anything PIL reads) as float RGB in [0, 1], N x 3 x 32 x 32."""
+    from PIL import Image, UnidentifiedImageError
+
+    arrays = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+                arrays.append(np.asarray(img, dtype=np.uint8))
+        except FileNotFoundError:
+            raise UserError(f"image '{path}' does not exist") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"image '{path}' cannot be read as a picture ({exc})") from None
+    if not arrays:
+        raise UserError("no images given")
+    return uint8_to_input(np.stack(arrays))
+
+
+def uint8_to_input(images: np.ndarray) -> torch.Tensor:
+    """N x H x W x 3 uint8 (the datasets' layout) to the model's input."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).contiguous()
+
+
+__all__ = ["NormalizedModel", "TrainedModel", "checkpoint_weights", "load_for_inference", "read_images", "uint8_to_input"]

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Export a checkpoint's model to ONNX or TorchScript, and check it against PyTorch.
+
+    python launch/export.py --checkpoint runs/fast85/checkpoints/best.pt --format onnx
+    python launch/export.py --checkpoint CKPT --format torchscript --out model.ts data.root=DIR
+
+The exported model takes float RGB images in [0, 1], NCHW (N x 3 x 32 x 32, any N) and
+returns logits; the data's normalization and the class names are inside the file. By
+default the weights the run evaluated are exported (the EMA's when it kept one; --ema or
+--raw to choose). Parity: the file and PyTorch score the first --parity-images images of
+the run's test split (its config plus overrides, e.g. data.root=DIR); the largest |logit
+difference| must be <= --tolerance and every top-1 must agree, else the file is deleted
+and the status is 1. ONNX is run with onnxruntime for that check.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cifar_ddp.launcher import run_command  # noqa: E402
+
+
+def main() -> int:
+    from cifar_ddp import export
+    from cifar_ddp.config import config_from_dict
+    from cifar_ddp.data.sources import ChannelStats, load_dataset
+    from cifar_ddp.inference import load_for_inference, uint8_to_input
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by launch/train.py")
+    parser.add_argument("--format", required=True, choices=sorted(export.FORMATS))
+    parser.add_argument("--out", type=Path, help="the file to write (default: the checkpoint's name, "
+                                                 ".onnx or .ts, beside it)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--ema", action="store_true", help="export the EMA weights (fails if there are none)")
+    weights.add_argument("--raw", action="store_true", help="export the raw weights even if there is an EMA")
+    parser.add_argument("--tolerance", type=float, default=export.DEFAULT_TOLERANCE,
+                        help="largest |logit difference| allowed (default %(default)s, fp32)")
+    parser.add_argument("--parity-images", type=int, default=256, help="test images checked (default %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides for the data")
+    args = parser.parse_intermixed_args()
+
+    def work() -> int:
+        trained = load_for_inference(args.checkpoint, ema=True if args.ema else False if args.raw else None)
+        cfg = config_from_dict(trained.payload["config"], args.overrides)
+        stats = ChannelStats(**{k: tuple(v) for k, v in trained.payload["stats"].items()})
+        test = load_dataset(cfg.data, seed=cfg.seed, with_train=False, stats=stats, classes=trained.classes).test
+        images = uint8_to_input(test.images[:args.parity_images])
+        out = args.out or Path(args.checkpoint).with_suffix(export.FORMATS[args.format])
+        export.export(trained.model, trained.classes, args.format, out)
+        parity = export.check_parity(trained.model, out, images)
+        print(f"exported {'EMA' if trained.used_ema else 'raw'} weights to {out} ({args.format}, "
+              f"{out.stat().st_size / 2**20:.1f} MB); input: float RGB in [0, 1], N x 3 x 32 x 32")
+        print(f"parity on {parity.images} test images: max |logit difference| {parity.max_abs_diff:.2e} "
+              f"(tolerance {args.tolerance:g}), top-1 agrees on {parity.top1_agree}/{parity.images}")
+        if not parity.ok(args.tolerance):
+            out.unlink()
+            print(f"error: the exported model does not match PyTorch; {out} was deleted", file=sys.stderr)
+            return 1
+        return 0
+
+    return run_command(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
