@@ -159,20 +159,32 @@ class EvalResult:
     total: int
     per_class_accuracy: List[float]
     per_class_total: List[int]
+    confusion: List[List[int]] = field(default_factory=list)       # [true class][predicted class]
+    # Per confidence bin (top-1 probability in [b/B, (b+1)/B)): [images, sum of confidence, correct].
+    calibration: List[List[float]] = field(default_factory=list)
+    # The most confident mistakes: (confidence, index in the split, true class, predicted class).
+    mistakes: List[Tuple[float, int, int, int]] = field(default_factory=list)
+
+
+CALIBRATION_BINS = 15
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, shard: ImageSplit, stats: ChannelStats, ctx: DistContext,
              precision: str, num_classes: int, batch_size: int = 500,
-             tta_flip: bool = False, channels_last: bool = True) -> EvalResult:
-    """Exact metrics over the whole split: each rank scores its disjoint shard and
-    the counts (not averages) are summed over ranks."""
+             tta_flip: bool = False, channels_last: bool = True, keep_mistakes: int = 0) -> EvalResult:
+    """Exact metrics over the whole split: each rank scores its disjoint shard (images
+    rank, rank + W, ...) and the counts (not averages) are summed over ranks: the loss, the
+    confusion matrix and the calibration bins. `keep_mistakes` > 0 also returns the split's
+    most confident mistakes, gathered from every rank."""
     model.eval()
     device = ctx.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros(num_classes, device=device, dtype=torch.int64)
-    total = torch.zeros(num_classes, device=device, dtype=torch.int64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    bins = torch.zeros(3, CALIBRATION_BINS, device=device, dtype=torch.float64)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    found = []
+    seen = 0
     for images, labels in eval_batches(shard, stats, batch_size, device):
         images = images.contiguous(memory_format=memory_format)
         with autocast(device, precision):
@@ -180,14 +192,31 @@ def evaluate(model: nn.Module, shard: ImageSplit, stats: ChannelStats, ctx: Dist
             if tta_flip:
                 logits = (logits + model(images.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        hits = logits.argmax(1) == labels
-        correct += torch.bincount(labels[hits], minlength=num_classes)
-        total += torch.bincount(labels, minlength=num_classes)
-    packed = ctx.sum(torch.cat([loss_sum.view(1), correct.double(), total.double()]))
+        confidence, predicted = logits.softmax(1).max(1)
+        hits = predicted == labels
+        confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
+        which = (confidence * CALIBRATION_BINS).long().clamp_(max=CALIBRATION_BINS - 1)
+        for row, weights in enumerate((None, confidence.double(), hits.double())):
+            bins[row] += torch.bincount(which, weights=weights, minlength=CALIBRATION_BINS).double()
+        if keep_mistakes:
+            wrong = torch.nonzero(~hits).flatten()
+            local = (seen + wrong) * ctx.world_size + ctx.rank     # the image's index in the whole split
+            found.append(torch.stack([confidence[wrong].double(), local.double(), labels[wrong].double(),
+                                      predicted[wrong].double()], 1).cpu())
+        seen += len(labels)
+    packed = ctx.sum(torch.cat([loss_sum.view(1), confusion.double(), bins.flatten()]))
     loss_total = float(packed[0])
-    per_class_correct = packed[1:1 + num_classes].long().tolist()
-    per_class_total = packed[1 + num_classes:].long().tolist()
+    matrix = packed[1:1 + num_classes ** 2].long().view(num_classes, num_classes)
+    per_class_correct = matrix.diagonal().tolist()
+    per_class_total = matrix.sum(1).tolist()
     n = sum(per_class_total)
+    mistakes: List[Tuple[float, int, int, int]] = []
+    if keep_mistakes:
+        mine = torch.cat(found) if found else torch.zeros(0, 4, dtype=torch.float64)
+        mine = mine[mine[:, 0].argsort(descending=True)][:keep_mistakes].tolist()
+        everyone = [row for rank_rows in ctx.gather_objects(mine) for row in rank_rows]
+        everyone.sort(key=lambda row: (-row[0], row[1]))
+        mistakes = [(c, int(i), int(t), int(p)) for c, i, t, p in everyone[:keep_mistakes]]
     return EvalResult(
         loss=loss_total / max(n, 1),
         accuracy=sum(per_class_correct) / max(n, 1),
@@ -195,4 +224,7 @@ def evaluate(model: nn.Module, shard: ImageSplit, stats: ChannelStats, ctx: Dist
         total=n,
         per_class_accuracy=[c / t if t else 0.0 for c, t in zip(per_class_correct, per_class_total)],
         per_class_total=per_class_total,
+        confusion=matrix.tolist(),
+        calibration=packed[1 + num_classes ** 2:].view(3, CALIBRATION_BINS).t().tolist(),
+        mistakes=mistakes,
     )

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config
 from .data.loaders import eval_shard
 from .data.sources import ChannelStats, load_dataset
 from .distributed import DistContext
+from . import report
 from .engine import evaluate, resolve_precision
-from .inference import checkpoint_weights
+from .inference import NormalizedModel, checkpoint_weights
+from .models import CAM_LAYERS, find_layer
 from .trainer import build_training_model, class_names
 
 
 def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
-                        tta_flip: bool = False, source: str = "checkpoint") -> Dict[str, Any]:
+                        tta_flip: bool = False, source: str = "checkpoint", report_dir: Optional[Path] = None,
+                        gallery: int = 25, cam_layer: str = "") -> Dict[str, Any]:
+    """Score the checkpoint on the configured test split; with `report_dir`, rank 0 also
+    writes the report there (report.write_report) from the gathered figures."""
     # Normalization uses the training statistics stored with the checkpoint, so a
     # folder holding only test/ is enough.
     stats = ChannelStats(**{k: tuple(v) for k, v in payload["stats"].items()})
@@ -27,8 +37,18 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
     model.load_state_dict(state)
     precision = resolve_precision(cfg.train.precision, ctx.device)
     shard = eval_shard(data.test, ctx.rank, ctx.world_size)
-    result = evaluate(model, shard, stats, ctx, precision, cfg.model.num_classes,
-                      tta_flip=tta_flip, channels_last=cfg.train.channels_last)
+    result = evaluate(model, shard, stats, ctx, precision, cfg.model.num_classes, tta_flip=tta_flip,
+                      channels_last=cfg.train.channels_last, keep_mistakes=gallery if report_dir else 0)
+    numbers = report.summary(result, data.classes)
+    if report_dir is not None and ctx.is_main:
+        layer = find_layer(model, cam_layer or CAM_LAYERS[cfg.model.name])
+        viewer = NormalizedModel(model, stats.mean, stats.std).to(ctx.device).eval()
+        header = {"checkpoint": source, "epoch": payload["train_state"]["epoch"],
+                  "weights": "EMA" if uses_ema else "raw", "test images": result.total,
+                  "accuracy": f"{result.accuracy:.2%}" + (" (flip TTA)" if tta_flip else ""),
+                  "loss": f"{result.loss:.4f}", "Grad-CAM layer": cam_layer or CAM_LAYERS[cfg.model.name]}
+        report.write_report(report_dir, result, header, data.classes, data.test.images, viewer.float(), layer,
+                            ctx.device, correct_indices=_first_correct(viewer, data.test, ctx.device))
     return {
         "images": result.total,
         "accuracy": result.accuracy,
@@ -39,16 +59,30 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
         "tta_flip": tta_flip,
         "epoch": payload["train_state"]["epoch"],
         "world_size": ctx.world_size,
+        **numbers,
+        **({"mistakes": [{"confidence": c, "index": i, "true": data.classes[t], "predicted": data.classes[p]}
+                         for c, i, t, p in result.mistakes]} if result.mistakes else {}),
     }
 
 
-def format_report(report: Dict[str, Any]) -> str:
+def _first_correct(model: nn.Module, split, device: torch.device, look_at: int = 200) -> List[int]:
+    """Indices of the first correctly classified images of the split (Grad-CAM's contrast)."""
+    images = torch.from_numpy(split.images[:look_at]).permute(0, 3, 1, 2).float().div(255).to(device)
+    with torch.no_grad():
+        predicted = model(images).argmax(1).cpu().numpy()
+    return [int(i) for i in np.flatnonzero(predicted == split.labels[:look_at])]
+
+
+def format_report(figures: Dict[str, Any]) -> str:
     lines = [
-        f"checkpoint: {report.get('checkpoint', '?')} (epoch {report['epoch']}, {report['weights']} weights"
-        + (", flip TTA" if report["tta_flip"] else "") + ")",
-        f"test images: {report['images']}",
-        f"accuracy: {100 * report['accuracy']:.2f}%  ({report['correct']}/{report['images']})  loss {report['loss']:.4f}",
-        "per class:",
+        f"checkpoint: {figures.get('checkpoint', '?')} (epoch {figures['epoch']}, {figures['weights']} weights"
+        + (", flip TTA" if figures["tta_flip"] else "") + ")",
+        f"test images: {figures['images']}",
+        f"accuracy: {100 * figures['accuracy']:.2f}%  ({figures['correct']}/{figures['images']})  loss {figures['loss']:.4f}"
+        f"  ECE {figures['ece']:.4f}",
+        f"{'class':>12}  accuracy  precision  recall     F1",
     ]
-    lines += [f"  {name:>12}: {100 * acc:.2f}%" for name, acc in report["per_class_accuracy"].items()]
+    lines += [f"{name:>12}  {100 * acc:7.2f}%  {figures['per_class'][name]['precision']:9.3f}  "
+              f"{figures['per_class'][name]['recall']:6.3f}  {figures['per_class'][name]['f1']:5.3f}"
+              for name, acc in figures["per_class_accuracy"].items()]
     return "\n".join(lines)

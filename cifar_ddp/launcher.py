@@ -13,6 +13,7 @@ import sys
 import time
 import traceback
 import warnings
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import torch.distributed as dist
@@ -110,20 +111,27 @@ def run_training(config_path: Optional[str], overrides: List[str]) -> int:
     return _launch(lambda: (load_config(config_path, overrides), None), work)
 
 
-def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tta_flip: bool) -> int:
+def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tta_flip: bool,
+                   report_dir: Optional[str] = None, gallery: int = 25, cam_layer: str = "") -> int:
     from .checkpoint import load_file
     from .evaluation import evaluate_checkpoint, format_report
+    from .files import check_writable_folder
 
     def prepare() -> Tuple[Config, object]:
         payload = load_file(checkpoint_path)
         return config_from_dict(payload["config"], overrides), payload
 
     def work(cfg: Config, payload: object, ctx: DistContext) -> None:
-        report = evaluate_checkpoint(payload, cfg, ctx, tta_flip=tta_flip,  # type: ignore[arg-type]
-                                     source=checkpoint_path)
+        if report_dir:
+            check_writable_folder(Path(report_dir), "--report")
+        figures = evaluate_checkpoint(payload, cfg, ctx, tta_flip=tta_flip,  # type: ignore[arg-type]
+                                      source=checkpoint_path, report_dir=Path(report_dir) if report_dir else None,
+                                      gallery=gallery, cam_layer=cam_layer)
         if ctx.is_main:
-            report["checkpoint"] = str(checkpoint_path)
-            print(json.dumps(report, indent=2) if as_json else format_report(report), flush=True)
+            figures["checkpoint"] = str(checkpoint_path)
+            print(json.dumps(figures, indent=2) if as_json else format_report(figures), flush=True)
+            if report_dir and not as_json:
+                print(f"report: {Path(report_dir) / 'report.md'} and {Path(report_dir) / 'index.html'}", flush=True)
 
     return _launch(prepare, work)
 

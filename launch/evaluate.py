@@ -3,6 +3,7 @@
 
     python launch/evaluate.py --checkpoint runs/fast85/checkpoints/best.pt
     python launch/evaluate.py --checkpoint CKPT data.source=folder data.root=DIR --json
+    python launch/evaluate.py --checkpoint CKPT --report runs/fast85/report --tta
 
 The run's own config (stored in the checkpoint) is the starting point; dotted
 overrides change it, e.g. to point at another copy of the data. DIR may hold
@@ -24,10 +25,17 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by launch/train.py")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--tta", action="store_true", help="average logits of each image and its mirror")
+    parser.add_argument("--report", metavar="DIR", help="write report.md, index.html and pictures there: "
+                        "confusion matrix, per-class precision/recall/F1, calibration, the most confident "
+                        "mistakes and their Grad-CAM")
+    parser.add_argument("--gallery", type=int, default=25, help="mistakes shown in the report (default %(default)s)")
+    parser.add_argument("--cam-layer", default="", help="the layer Grad-CAM looks at, a dotted module path "
+                        "(default: the model's last spatial block, c4)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     # Flags may stand anywhere among the key=value overrides.
     args = parser.parse_intermixed_args()
-    return run_evaluation(args.checkpoint, args.overrides, args.json, args.tta)
+    return run_evaluation(args.checkpoint, args.overrides, args.json, args.tta, args.report, args.gallery,
+                          args.cam_layer)
 
 
 if __name__ == "__main__":

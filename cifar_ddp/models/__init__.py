@@ -14,6 +14,21 @@ from .sep_resnet import SepResNet
 _BUILDERS: Dict[str, Callable[..., nn.Module]] = {"seed": SeedNet, "sep_resnet": SepResNet}
 
 
+# Where Grad-CAM looks unless told otherwise: the last block with a spatial feature map
+# (seed: 2x2, sep_resnet: 4x4).
+CAM_LAYERS = {"seed": "c4", "sep_resnet": "c4"}
+
+
+def find_layer(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted `path` (e.g. "c4" or "c3.2"), or a one-line error listing the blocks."""
+    layers = dict(model.named_modules())
+    if path not in layers or not path:
+        blocks = ", ".join(name for name, _ in model.named_children())
+        raise ConfigError(f"the model has no layer '{path}'; its blocks are {blocks} (dotted paths reach inside, "
+                          "e.g. c3.1)")
+    return layers[path]
+
+
 def build_model(cfg_or_name: Union[str, Config, ModelConfig, Dict[str, Any]]) -> nn.Module:
     """Build the network a config asks for: a Config, its `model` part, a bare model name
     (default settings), or the config dict a checkpoint stores, so that
@@ -36,4 +51,4 @@ def build_model(cfg_or_name: Union[str, Config, ModelConfig, Dict[str, Any]]) ->
     return builder(widths=widths, dropout=model_cfg.dropout, num_classes=model_cfg.num_classes)
 
 
-__all__ = ["build_model", "SeedNet", "SepResNet"]
+__all__ = ["build_model", "find_layer", "CAM_LAYERS", "SeedNet", "SepResNet"]

@@ -1,0 +1,119 @@
+"""The evaluation report: its numbers against an independent computation, its files, and
+the same figures from two processes as from one."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from cifar_ddp import checkpoint as ckpt
+from cifar_ddp import report
+from cifar_ddp.config import config_from_dict
+from cifar_ddp.data.sources import CIFAR10_CLASSES, ChannelStats, load_dataset
+from cifar_ddp.distributed import DistContext
+from cifar_ddp.evaluation import evaluate_checkpoint
+from cifar_ddp.inference import load_for_inference, uint8_to_input
+
+from conftest import REPO, run_job, train_in_process
+
+
+@pytest.fixture(scope="module")
+def last_pt(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    folder = root / "images"
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 20), ("test", 10)):
+        for k, name in enumerate(CIFAR10_CLASSES):
+            (folder / split / name).mkdir(parents=True)
+            for i in range(per_class):   # each class a flat colour, with noise: learnable, not perfectly
+                picture = np.array([25 * k, 255 - 25 * k, (70 * k) % 256]) + rng.integers(-60, 60, (32, 32, 3))
+                Image.fromarray(picture.clip(0, 255).astype(np.uint8)).save(folder / split / name / f"{i}.png")
+    out = root / "run"
+    train_in_process(out, **{"train.epochs": 3, "data.source": "folder", "data.root": str(folder),
+                             "model.dropout": 0.0, "train.lr": 0.8, "augment.plain_last_epochs": 3})
+    return ckpt.checkpoint_dir(out) / "last.pt"
+
+
+def test_report_numbers_equal_an_independent_computation(last_pt: Path, tmp_path: Path):
+    payload = ckpt.load_file(last_pt)
+    cfg = config_from_dict(payload["config"], ["train.channels_last=false"])
+    figures = evaluate_checkpoint(payload, cfg, DistContext(), report_dir=tmp_path / "report", gallery=8)
+    # Independently: the model applied to every test image, scored by scikit-learn.
+    trained = load_for_inference(last_pt)
+    stats = ChannelStats(**{k: tuple(v) for k, v in payload["stats"].items()})
+    test = load_dataset(cfg.data, with_train=False, stats=stats, classes=trained.classes).test
+    with torch.no_grad():
+        probabilities = trained.model(uint8_to_input(test.images)).softmax(1).numpy()
+    predicted = probabilities.argmax(1)
+    expected = confusion_matrix(test.labels, predicted, labels=range(10))
+    assert np.array_equal(np.asarray(figures["confusion_matrix"]), expected)
+    assert expected.sum() == figures["images"] == 100
+    assert len(set(predicted.tolist())) > 1, "the toy model must not predict one class only"
+    totals = expected.sum(1)
+    for k, name in enumerate(trained.classes):
+        assert round(figures["per_class_accuracy"][name] * totals[k]) == expected[k, k]
+    precision, recall, f1, support = precision_recall_fscore_support(test.labels, predicted, labels=range(10),
+                                                                     zero_division=0)
+    for k, name in enumerate(trained.classes):
+        mine = figures["per_class"][name]
+        assert mine["precision"] == pytest.approx(precision[k]) and mine["recall"] == pytest.approx(recall[k])
+        assert mine["f1"] == pytest.approx(f1[k]) and mine["support"] == support[k]
+    # ECE over 15 equal bins of the top-1 probability, computed directly.
+    confidence = probabilities.max(1)
+    which = np.minimum((confidence * 15).astype(int), 14)
+    ece = sum(abs((predicted[which == b] == test.labels[which == b]).sum() - confidence[which == b].sum())
+              for b in range(15)) / len(confidence)
+    assert figures["ece"] == pytest.approx(ece, abs=1e-5)
+    # The most confident mistakes, in order, are the gallery's.
+    wrong = np.flatnonzero(predicted != test.labels)
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][:8]
+    assert [m["index"] for m in figures["mistakes"]] == order.tolist()
+
+
+def test_ece_of_calibrated_and_overconfident_toys():
+    # Each bin's accuracy equals its mean confidence: perfectly calibrated.
+    assert report.expected_calibration_error([[10, 10 * 0.55, 10 * 0.55], [0, 0, 0], [30, 30 * 0.95, 30 * 0.95]]) == 0
+    # 40 images at confidence 0.9, half right: |0.5 - 0.9| = 0.4.
+    assert report.expected_calibration_error([[40, 36.0, 20.0]]) == pytest.approx(0.4)
+
+
+def test_report_files_are_valid_and_say_what_the_json_says(last_pt: Path, tmp_path: Path):
+    directory = tmp_path / "report"
+    done = run_job([sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(last_pt),
+                    "--report", str(directory), "--gallery", "6", "--json", "train.channels_last=false"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout[done.stdout.index("{"):])
+    for name in ("confusion.png", "reliability.png", "mistakes.png", "gradcam.png"):
+        with Image.open(directory / name) as img:
+            img.verify()
+            assert img.format == "PNG"
+    page = (directory / "index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<img ") == 4 and "<table>" in page
+    markdown = (directory / "report.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\w+) \| (\w+) \| ([\d.]+)% \|$", markdown, re.M)
+    assert [(int(i), t, p) for _, i, t, p, _ in rows] == \
+        [(m["index"], m["true"], m["predicted"]) for m in figures["mistakes"]]
+    assert len(rows) == len(figures["mistakes"]) >= 1
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_confusion_matrix_and_mistakes(last_pt: Path, tmp_path: Path):
+    results = []
+    for nproc in (1, 2):
+        script = [str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(last_pt), "--json",
+                  "--report", str(tmp_path / f"report{nproc}"), "--gallery", "5"]
+        argv = [sys.executable, *script] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]
+        done = run_job(argv)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(json.loads(done.stdout[done.stdout.index("{"):]))
+    one, two = results
+    assert two["world_size"] == 2 and one["confusion_matrix"] == two["confusion_matrix"]
+    assert [m["index"] for m in one["mistakes"]] == [m["index"] for m in two["mistakes"]]
+    assert one["ece"] == pytest.approx(two["ece"])
