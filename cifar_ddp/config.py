@@ -121,6 +121,9 @@ class TrainConfig:
     # checkpoint and exit status 75, as if preempted: for time-sliced cluster jobs.
     stop_after_steps: int = 0
     keep_checkpoints: int = 2
+    # TensorBoard pictures (confusion matrix, most confident mistakes, per-class PR curves)
+    # after the last epoch, and also every this many epochs (0 = the last only).
+    figures_every_epochs: int = 0
     # What a NaN/Inf loss does: stop the run, or skip the step and carry on.
     # Either way the bad update is never applied (it is masked on the device); the
     # decision is read at the next sync step (see log_every_steps).
@@ -301,6 +304,7 @@ def validate(cfg: Config) -> None:
     _require(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends)")
     _require(t.stop_after_steps >= 0, "train.stop_after_steps must be >= 0 (0 = run to the end)")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
+    _require(t.figures_every_epochs >= 0, "train.figures_every_epochs must be >= 0 (0: after the last epoch only)")
     _require(t.log_every_steps >= 1, "train.log_every_steps must be at least 1")
     for name in ("hflip_p", "affine_p", "crop_p", "cutout_p"):
         p = getattr(a, name)

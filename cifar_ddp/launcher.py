@@ -136,6 +136,28 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
     return _launch(prepare, work)
 
 
+def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, start: float, end: float,
+                out: Optional[str]) -> int:
+    from .files import check_writable_folder
+    from .lr_find import lr_range_test, plot
+    from .report import save
+
+    def work(cfg: Config, _: object, ctx: DistContext) -> None:
+        path = Path(out) if out else Path(cfg.out_dir) / "lr_find.png"
+        check_writable_folder(path.parent, "--out folder")
+        result = lr_range_test(cfg, ctx, steps=steps, start=start, end=end)
+        if ctx.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save(plot(result), path)
+            per_reference = result.suggested_lr * cfg.train.lr_reference_batch / result.global_batch
+            print(f"swept {len(result.lrs)} steps, LR {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}"
+                  + (" (stopped early: the loss diverged)" if result.stopped_early else "") + f"; plot: {path}")
+            print(f"suggested peak LR {result.suggested_lr:.4g} at global batch {result.global_batch}: "
+                  f"train.lr={per_reference:.4g} (train.lr is per {cfg.train.lr_reference_batch} images)", flush=True)
+
+    return _launch(lambda: (load_config(config_path, overrides), None), work)
+
+
 def run_command(work: Callable[[], int]) -> int:
     """A single-process tool (export, predict): a user error is one line and status 2."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"

@@ -26,7 +26,10 @@ class SilentLogger:
     def images(self, tag: str, batch: torch.Tensor, global_step: int) -> None: ...
     def epoch(self, epoch: int, total_epochs: int, row: Dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
-    def finish(self, hparams: Dict[str, Any], final: Dict[str, float]) -> None: ...
+    def figures(self, global_step: int, classes: Sequence[str], confusion, mistakes, images, labels,
+                probabilities) -> None: ...
+    def finish(self, hparams: Dict[str, Any], final: Dict[str, float],
+               history: Sequence[Dict[str, Any]] = ()) -> None: ...
 
 
 class MainLogger(SilentLogger):
@@ -126,13 +129,35 @@ class MainLogger(SilentLogger):
     def _final_name(self, key: str) -> str:
         return key.replace("test_", self.eval_split + "_")
 
-    def finish(self, hparams: Dict[str, Any], final: Dict[str, float]) -> None:
+    def figures(self, global_step: int, classes: Sequence[str], confusion, mistakes, images, labels,
+                probabilities) -> None:
+        """TensorBoard pictures of an evaluation: the confusion matrix, the most confident
+        mistakes with their labels, and one precision-recall curve per class."""
+        from . import report
+
+        self.writer.add_figure(self._tag("test/confusion_matrix"), report.plot_confusion(confusion, classes),
+                               global_step)
+        if mistakes:
+            captions = [f"true {classes[t]}\npredicted {classes[p]} ({c:.0%})" for c, _, t, p in mistakes]
+            gallery = report.plot_gallery(images[[i for _, i, _, _ in mistakes]], captions, columns=6)
+            self.writer.add_figure(self._tag("test/most_confident_mistakes"), gallery, global_step)
+        for k, name in enumerate(classes):
+            self.writer.add_pr_curve(self._tag(f"test/pr_curve/{name}"), labels == k, probabilities[:, k], global_step)
+        self.writer.flush()
+
+    def finish(self, hparams: Dict[str, Any], final: Dict[str, float],
+               history: Sequence[Dict[str, Any]] = ()) -> None:
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
         final = {self._final_name(k): v for k, v in final.items()}
         self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in final.items()}, run_name="hparams")
         self.writer.flush()
         self.writer.close()
         self._write_markdown("\n" + "".join(f"- final {k}: {v:.4f}\n" for k, v in final.items()))
+        if history:
+            from . import report
+
+            # For people without TensorBoard: the run's curves as one picture.
+            report.save(report.plot_curves(history, self.eval_split), self.out_dir / "curves.png")
 
 
 _TABLE_RULE = "|---:|---:|---:|---:|---:|---:|---:|---:|\n"

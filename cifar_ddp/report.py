@@ -134,6 +134,42 @@ def grad_cam(model: nn.Module, layer: nn.Module, images: torch.Tensor, targets: 
         return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
 
 
+def plot_curves(history: Sequence[Dict[str, Any]], eval_split: str = "test") -> plt.Figure:
+    """Loss, accuracy and learning rate against epoch, training vs evaluation split, from the
+    trainer's per-epoch rows (what training_log.md holds)."""
+    epochs = [row["epoch"] for row in history]
+    fig, (loss, accuracy, lr) = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, key, label in ((loss, "loss", "loss"), (accuracy, "accuracy", "accuracy (%)")):
+        scale = 100 if key == "accuracy" else 1
+        ax.plot(epochs, [scale * row[f"train/{key}"] for row in history], marker=".", label="train")
+        ax.plot(epochs, [scale * row[f"test/{key}"] for row in history], marker=".", label=eval_split)
+        if key == "accuracy" and all("test/accuracy_tta" in row for row in history):
+            ax.plot(epochs, [100 * row["test/accuracy_tta"] for row in history], marker=".", ls="--",
+                    label=f"{eval_split}, flip TTA")
+        ax.set_ylabel(label)
+        ax.legend()
+    lr.plot(epochs, [row["lr"] for row in history], marker=".")
+    lr.set_ylabel("learning rate (at the epoch's end)")
+    for ax in (loss, accuracy, lr):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, images: np.ndarray, stats, device: torch.device,
+                  batch_size: int = 500) -> np.ndarray:
+    """Softmax of `model` (the training model: normalized input) over N x 32 x 32 x 3 uint8."""
+    from .data.loaders import eval_batches
+    from .data.sources import ImageSplit
+
+    model.eval()
+    split = ImageSplit(images, np.zeros(len(images), dtype=np.int64))
+    out = [model(x.float()).float().softmax(1).cpu() for x, _ in eval_batches(split, stats, batch_size, device)]
+    return torch.cat(out).numpy()
+
+
 def save(fig: plt.Figure, path: Path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -232,4 +268,4 @@ def _html(markdown: str) -> str:
 
 
 __all__ = ["class_metrics", "expected_calibration_error", "most_confused", "summary", "plot_confusion",
-           "plot_reliability", "plot_gallery", "grad_cam", "write_report"]
+           "plot_reliability", "plot_gallery", "plot_curves", "probabilities", "grad_cam", "write_report"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import report
 from .config import CIFAR10_CLASSES, Config
 from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_shard
 from .data.sources import DatasetArrays, load_dataset
@@ -30,6 +31,10 @@ from .loggers import SilentLogger, make_logger
 from .models import build_model
 from .optim import build_optimizer, lr_at, peak_lr
 from .step import TrainStep, capture_stream, check_step_options
+
+# How many of the most confident mistakes the end-of-training pictures show.
+FIGURE_MISTAKES = 24
+
 
 class Preempted(Exception):
     """Raised after a checkpoint was written in response to SIGTERM/SIGINT."""
@@ -299,8 +304,15 @@ class Trainer:
             ctx.average_buffers(self.ema)
         eval_model = self.ema.module if self.ema is not None else self.model
         num_classes = self.cfg.model.num_classes
+        # The last epoch, and every figures_every_epochs, also draws pictures (TensorBoard).
+        draw = state.epoch == t.epochs or (t.figures_every_epochs and state.epoch % t.figures_every_epochs == 0)
         self.last_eval = evaluate(eval_model, self.test_shard, self.data.stats, ctx, self.precision, num_classes,
-                                  channels_last=t.channels_last)
+                                  channels_last=t.channels_last, keep_mistakes=FIGURE_MISTAKES if draw else 0)
+        if draw and ctx.is_main:
+            test = self.data.test
+            self.logger.figures(state.global_step, self.data.classes, self.last_eval.confusion,
+                                self.last_eval.mistakes, test.images, test.labels,
+                                report.probabilities(eval_model, test.images, self.data.stats, ctx.device))
         row = {
             "global_step": state.global_step,
             "lr": self.lr_for_step(state.global_step - 1),
@@ -354,7 +366,7 @@ class Trainer:
         }
         if "test/accuracy_tta" in last:
             final["test_accuracy_tta"] = last["test/accuracy_tta"]
-        self.logger.finish(_hparams(self.cfg, self.ctx), final)
+        self.logger.finish(_hparams(self.cfg, self.ctx), final, self.state.history)
         # DDP keeps replicas identical by construction; the digests let anyone check it.
         digests = self.ctx.gather_objects(weights_digest(self.model))
         # The keys say test_ for both splits (a stable interface); `evaluated_on` says which.

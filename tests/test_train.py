@@ -35,14 +35,19 @@ def test_run_writes_checkpoints_logs_and_tensorboard(tmp_path: Path):
     assert log.count("\n| 1 |") == 1 and log.count("\n| 3 |") == 1
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr",
             "throughput/images_per_s"} <= scalars
     assert len(events.Scalars("test/accuracy")) == 3
-    assert "train/augmented" in events.Tags()["images"]
+    # The pictures of the last evaluation: confusion matrix, mistakes, a PR curve per class.
+    assert {"train/augmented", "test/confusion_matrix", "test/most_confident_mistakes"} <= set(events.Tags()["images"])
+    assert {f"test/pr_curve/class{k}" for k in range(10)} <= set(events.Tags()["tensors"])
     assert (tmp_path / "run" / "tensorboard" / "hparams").is_dir()
+    from PIL import Image
+    with Image.open(tmp_path / "run" / "curves.png") as curves:   # for people without TensorBoard
+        assert curves.format == "PNG" and curves.size[0] > curves.size[1] > 200
 
 
 def test_validation_run_is_labelled_val_not_test(tmp_path: Path, capsys):

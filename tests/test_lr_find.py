@@ -1,0 +1,43 @@
+"""The LR range test: an exponential sweep that stops when the loss diverges, and a
+suggestion inside the swept range at the steepest fall of the loss."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifar_ddp.config import load_config
+from cifar_ddp.distributed import DistContext
+from cifar_ddp.lr_find import lr_range_test, suggest
+
+from conftest import REPO, run_job, tiny_overrides
+
+
+def test_the_sweep_is_exponential_and_stops_when_the_loss_diverges(tmp_path: Path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.fake_size": 256}))
+    result = lr_range_test(cfg, DistContext(), steps=40, start=1e-3, end=1e5)
+    ratios = np.diff(np.log(result.lrs))
+    assert np.allclose(ratios, math.log(1e8) / 39)
+    assert result.stopped_early and len(result.lrs) < 40
+    assert result.lrs[0] <= result.suggested_lr <= result.lrs[-1]
+
+
+def test_the_suggestion_is_the_steepest_fall_before_the_minimum():
+    lrs = list(np.logspace(-4, 1, 101))
+    x = np.log10(lrs)
+    # Flat, then falling fastest at 1e-2, a minimum at 1e-1, then rising.
+    losses = list(2.0 - np.tanh(3 * (x + 2)) + np.where(x > -1, 4 * (x + 1) ** 2, 0))
+    assert suggest(lrs, losses) == pytest.approx(1e-2, rel=0.13)
+
+
+@pytest.mark.slow
+def test_lr_find_under_torchrun_two_processes(tmp_path: Path):
+    plot = tmp_path / "sweep.png"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(REPO / "launch" / "lr_find.py"), "--steps", "20", "--out", str(plot),
+            *tiny_overrides(tmp_path / "run")]
+    done = run_job(argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("suggested peak LR") == 1 and plot.stat().st_size > 0
