@@ -16,7 +16,7 @@ from .data.sources import ChannelStats, load_dataset
 from .distributed import DistContext
 from . import report
 from .engine import evaluate, resolve_precision
-from .inference import NormalizedModel, checkpoint_weights
+from .inference import NormalizedModel, checkpoint_weights, uint8_to_input
 from .models import CAM_LAYERS, find_layer
 from .trainer import build_training_model, class_names
 
@@ -67,7 +67,7 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
 
 def _first_correct(model: nn.Module, split, device: torch.device, look_at: int = 200) -> List[int]:
     """Indices of the first correctly classified images of the split (Grad-CAM's contrast)."""
-    images = torch.from_numpy(split.images[:look_at]).permute(0, 3, 1, 2).float().div(255).to(device)
+    images = uint8_to_input(split.images[:look_at]).to(device)
     with torch.no_grad():
         predicted = model(images).argmax(1).cpu().numpy()
     return [int(i) for i in np.flatnonzero(predicted == split.labels[:look_at])]

@@ -36,8 +36,7 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
 
     ctx: Optional[DistContext] = None
     code = 0
-    # Warnings (a damaged checkpoint skipped, ...) read as one line, not a source quote.
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    _one_line_warnings()
     try:
         cfg, loaded = prepare()
         ctx = init_distributed(cfg.device)
@@ -55,9 +54,7 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
         print(f"error: {_who(ctx)}{exc}", file=sys.stderr, flush=True)
         code = EXIT_USER_ERROR
     except BrokenPipeError:
-        # Whoever read our output left (`| head`): nothing more to say, and no traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 1
+        code = _reader_left()
     except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks must not wait for us
         if isinstance(exc, OSError) and exc.errno in _FILESYSTEM_FULL_OR_CLOSED:
             # A log or event file that cannot be written any more (checkpoints say so themselves).
@@ -160,12 +157,22 @@ def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, st
 
 def run_command(work: Callable[[], int]) -> int:
     """A single-process tool (export, predict): a user error is one line and status 2."""
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    _one_line_warnings()
     try:
         return work()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return _reader_left()
+
+
+def _one_line_warnings() -> None:
+    # Warnings (a damaged checkpoint skipped, ...) read as one line, not a source quote.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
+def _reader_left() -> int:
+    # Whoever read our output left (`| head`): nothing more to say, and no traceback.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1

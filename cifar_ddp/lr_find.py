@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import List
 
 import numpy as np
-import torch
 
 from .config import Config
 from .data.loaders import TrainBatches

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .engine import EvalResult  # noqa: E402
+from .inference import uint8_to_input  # noqa: E402
 
 CORRECT_FOR_CONTRAST = 5
 
@@ -197,7 +198,7 @@ def write_report(directory: Path, result: EvalResult, header: Dict[str, Any], cl
         save(plot_gallery(pictures, captions), directory / "mistakes.png")
         contrast = list(correct_indices)[:CORRECT_FOR_CONTRAST]
         cam_images = np.concatenate([pictures, split_images[contrast]]) if contrast else pictures
-        inputs = torch.from_numpy(cam_images).permute(0, 3, 1, 2).float().div(255).to(device)
+        inputs = uint8_to_input(cam_images).to(device)
         with torch.no_grad():
             predicted = model(inputs).argmax(1).tolist()
         maps = grad_cam(model, cam_layer, inputs, predicted)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cifar_ddp import checkpoint as ckpt
-from cifar_ddp.config import config_from_dict
+from cifar_ddp.config import CIFAR10_CLASSES, config_from_dict
 from cifar_ddp.distributed import DistContext
 from cifar_ddp.evaluation import evaluate_checkpoint
 from cifar_ddp.errors import UserError
@@ -140,7 +140,8 @@ def test_evaluate_cli_matches_training_and_reads_test_only_folder(tmp_path: Path
     done = run_job([sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(checkpoint),
                     f"data.root={test_only}"])
     assert done.returncode == 0, done.stderr
-    assert "test images: 20" in done.stdout and "per class:" in done.stdout
+    assert "test images: 20" in done.stdout and "accuracy  precision  recall" in done.stdout
+    assert sum(line.split()[0] in CIFAR10_CLASSES for line in done.stdout.splitlines() if line.strip()) == 10
 
 
 def test_evaluate_output_into_a_closed_pipe_and_a_folder_as_checkpoint(tmp_path: Path):
