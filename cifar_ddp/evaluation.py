@@ -65,12 +65,18 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
     }
 
 
-def _first_correct(model: nn.Module, split, device: torch.device, look_at: int = 200) -> List[int]:
-    """Indices of the first correctly classified images of the split (Grad-CAM's contrast)."""
-    images = uint8_to_input(split.images[:look_at]).to(device)
+def _first_correct(model: nn.Module, split, device: torch.device, look_at: int = 500) -> List[int]:
+    """Correctly classified images of as many different classes as possible (Grad-CAM's
+    contrast), from images spread evenly over the split (folders list a class at a time)."""
+    candidates = np.linspace(0, len(split) - 1, min(look_at, len(split))).astype(int)
+    images = uint8_to_input(split.images[candidates]).to(device)
     with torch.no_grad():
         predicted = model(images).argmax(1).cpu().numpy()
-    return [int(i) for i in np.flatnonzero(predicted == split.labels[:look_at])]
+    right = candidates[predicted == split.labels[candidates]]
+    first_of_class = {}
+    for index in right:
+        first_of_class.setdefault(int(split.labels[index]), int(index))
+    return list(first_of_class.values()) + [int(i) for i in right if int(i) not in first_of_class.values()]
 
 
 def format_report(figures: Dict[str, Any]) -> str:

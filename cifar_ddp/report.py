@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -153,6 +154,7 @@ def plot_curves(history: Sequence[Dict[str, Any]], eval_split: str = "test") -> 
     lr.set_ylabel("learning rate (at the epoch's end)")
     for ax in (loss, accuracy, lr):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
