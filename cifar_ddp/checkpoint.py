@@ -64,7 +64,7 @@ def _verify(path: Path, data: bytes) -> bytes:
         digest, _, body = data[len(_OLD_HEADER):].partition(b"\n")
         if hashlib.sha256(body).hexdigest().encode() != digest:
             raise CheckpointError(f"'{path}' is truncated or corrupt (checksum mismatch)")
-        warnings.warn(f"'{path}' is in cifar_ddp's pre-1.0 checkpoint format (readable here, not by torch.load); "
+        warnings.warn(f"'{path}' is in cifar_ddp's earlier checkpoint format (readable here, not by torch.load); "
                       "`python -m cifar_ddp.checkpoint upgrade FILE` rewrites it as a plain torch.save file",
                       stacklevel=3)
         return body
@@ -97,7 +97,7 @@ def load_file(path: str | Path, expect: Tuple[str, ...] = ("model", "config")) -
         culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line), "")
         raise CheckpointError(f"'{path}' holds Python objects other than tensors and plain values, and was not "
                               f"loaded (unpickling it could run code{': ' + culprit if culprit else ''}); "
-                              "only checkpoints written by cifar_ddp or plain state dicts are read") from None
+                              "only files of tensors and plain values (what launch/train.py writes) are read") from None
     except Exception as exc:  # noqa: BLE001 - torch reports a damaged archive in many ways
         raise CheckpointError(f"'{path}' is truncated or corrupt ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
@@ -206,7 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m cifar_ddp.checkpoint",
-                                     description="Rewrite checkpoints of the pre-1.0 format as plain torch.save "
+                                     description="Rewrite checkpoints of the earlier format (a CIFARDDP1 header) as plain torch.save "
                                                  "files with a .sha256 beside each.")
     parser.add_argument("command", choices=["upgrade"])
     parser.add_argument("files", nargs="+", type=Path)

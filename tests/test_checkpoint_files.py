@@ -89,7 +89,7 @@ def test_old_format_is_read_with_a_note_and_upgraded_to_a_plain_file(trained: Pa
     body = (trained / "last.pt").read_bytes()
     old = tmp_path / "old.pt"
     old.write_bytes(b"CIFARDDP1\n" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-    with pytest.warns(UserWarning, match="pre-1.0 checkpoint format.*upgrade"):
+    with pytest.warns(UserWarning, match="earlier checkpoint format.*upgrade"):
         assert ckpt.load_file(old)["train_state"]["global_step"] == 12
     done = subprocess.run([sys.executable, "-m", "cifar_ddp.checkpoint", "upgrade", str(old)], cwd=REPO,
                           env=job_env(), capture_output=True, text=True, timeout=120)
