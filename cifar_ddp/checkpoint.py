@@ -70,7 +70,7 @@ def _verify(path: Path, data: bytes) -> bytes:
         return body
     sidecar = checksum_path(path)
     if sidecar.is_file():
-        expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
+        expected = (sidecar.read_text().split() or [""])[0]
         if hashlib.sha256(data).hexdigest() != expected:
             raise CheckpointError(f"'{path}' is truncated or corrupt (its SHA-256 differs from {sidecar.name})")
     else:
