@@ -9,6 +9,7 @@ import torch
 from cifar_ddp.config import load_config
 from cifar_ddp.errors import ConfigError
 from cifar_ddp.models import SeedNet, build_model
+from cifar_ddp.models.blocks import DepthwiseConv2d
 from cifar_ddp.summary import summarize
 
 from conftest import REPO
@@ -81,3 +82,42 @@ def test_summary_command_prints_table_rf_and_totals():
     assert "Total params: 150,576" in out.stdout
     assert "Receptive field: 91" in out.stdout
     assert "[-1, 64, 2, 2]" in out.stdout and "MACs" in out.stdout
+
+
+@pytest.mark.parametrize("channels,size,dilation,stride", [(6, 12, 2, 1), (5, 11, 3, 1), (4, 12, 2, 2)])
+def test_depthwise_conv_on_cpu_equals_the_dilated_conv_it_stands_for(channels, size, dilation, stride):
+    """DepthwiseConv2d runs a dilated depthwise conv undilated over a spread-out kernel on the
+    CPU (PyTorch's dilated depthwise backward is slow there): same outputs, same gradients,
+    and the same state_dict as nn.Conv2d, so checkpoints written before it still load."""
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(channels, channels, 3, stride=stride, padding=dilation, dilation=dilation,
+                                groups=channels, bias=False).double()
+    fast = DepthwiseConv2d(channels, 3, dilation=dilation, stride=stride).double()
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(3, channels, size, size, dtype=torch.float64, requires_grad=True)
+    out_ref, out_fast = reference(x), fast(x)
+    assert out_fast.shape == out_ref.shape
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out_ref)
+    dx_ref, dw_ref = torch.autograd.grad(out_ref, (x, reference.weight), grad)
+    dx_fast, dw_fast = torch.autograd.grad(out_fast, (x, fast.weight), grad)
+    torch.testing.assert_close(dx_fast, dx_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw_fast, dw_ref, rtol=1e-12, atol=1e-12)
+    assert fast.weight.shape == (channels, 1, 3, 3) and fast.dilation == (dilation, dilation)
+
+
+def test_dilated_depthwise_convs_run_undilated_on_the_cpu(monkeypatch):
+    """The reason DepthwiseConv2d exists: no dilated depthwise conv reaches PyTorch on the CPU."""
+    calls = []
+    real_conv2d = torch.nn.functional.conv2d
+
+    def recording_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        calls.append((weight.shape[-1], dilation if isinstance(dilation, int) else dilation[0], groups))
+        return real_conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
+    model = build_model("sep_resnet")
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    depthwise = [(k, d) for k, d, groups in calls if groups > 1]
+    assert (5, 1) in depthwise, "the dilated units ran as 5x5 undilated convs"
+    assert all(d == 1 for _, d in depthwise), f"a dilated depthwise conv reached torch: {depthwise}"

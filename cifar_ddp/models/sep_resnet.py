@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .blocks import DepthwiseConv2d
+
 
 class SeparableResidualUnit(nn.Module):
     """x + BN(pointwise(ReLU(BN(depthwise(x))))), then ReLU. The depthwise 3x3 may be
@@ -33,8 +35,7 @@ class SeparableResidualUnit(nn.Module):
 
     def __init__(self, channels: int, dilation: int = 1) -> None:
         super().__init__()
-        self.depthwise = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation,
-                                   groups=channels, bias=False)
+        self.depthwise = DepthwiseConv2d(channels, 3, dilation=dilation)
         self.depthwise_bn = nn.BatchNorm2d(channels)
         self.depthwise_act = nn.ReLU()
         self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Training speed of the registry's networks, each as its recipe trains it, measured in one
+run on one device (the GPU when there is one, else the CPU), with the first as baseline.
+
+Each --recipe is LABEL=CONFIG[:OVERRIDE,...]; every recipe is timed with cifar_ddp's own
+single-process step (benchmarks/throughput.py's path (2), or (3) with --set
+train.cuda_graph=true ...) at its config's batch size unless --batch-size is given. The
+recipes are measured in turn, --repeats rounds of them, so that a machine that slows down
+or speeds up during the run is charged to every recipe alike; the median round is kept.
+
+Prints images/s, seconds per 50,000-image epoch, and for each recipe after the first
+`ratio_vs_<first>=` its speed over the first's (above 1: faster per image).
+
+    python benchmarks/model_speed.py                        # seed net (fast85) vs SepResNet (sep_resnet10)
+    python benchmarks/model_speed.py --batch-size 256       # both at one batch size
+    python benchmarks/model_speed.py --quick
+    python benchmarks/model_speed.py --set train.cuda_graph=true   # on a GPU: the captured step
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import torch  # noqa: E402
+from throughput import measure_cifar_ddp  # noqa: E402
+
+from cifar_ddp.config import load_config  # noqa: E402
+
+DEFAULT_RECIPES = ["seed=configs/fast85.yaml", "sep_resnet=configs/sep_resnet10.yaml"]
+EPOCH_IMAGES = 50_000
+
+
+def parse_recipe(text: str):
+    """LABEL=CONFIG[:OVERRIDE,...] -> (label, config path, overrides)."""
+    label, sep, rest = text.partition("=")
+    if not sep or not label or not rest:
+        raise SystemExit(f"error: --recipe {text!r} is not LABEL=CONFIG[:OVERRIDE,...]; "
+                         "e.g. --recipe sep=configs/sep_resnet10.yaml:model.dropout=0.1")
+    config, _, overrides = rest.partition(":")
+    path = Path(config) if Path(config).is_absolute() else REPO / config
+    if not path.is_file():
+        raise SystemExit(f"error: --recipe {label}: no config file {path}; give a path under configs/")
+    return label, path, [o for o in overrides.split(",") if o]
+
+
+def recipe_args(args: argparse.Namespace, config: Path, overrides: list) -> argparse.Namespace:
+    """throughput.py's arguments for one recipe: its model, augmentation and batch size."""
+    cfg = load_config(config, overrides)
+    batch = args.batch_size or cfg.train.batch_size
+    # All of the model's settings: the base config (seed.yaml) may set widths of its own.
+    model = [f"model.name={cfg.model.name}", f"model.widths={list(cfg.model.widths)}".replace(" ", ""),
+             f"model.dropout={cfg.model.dropout}"]
+    augment = [f"augment.{key}={getattr(cfg.augment, key)}"
+               for key in ("hflip_p", "affine_p", "cutout_p", "crop_p") if hasattr(cfg.augment, key)]
+    # The same number of images for every recipe, whatever its batch size.
+    return argparse.Namespace(batch_size=batch, steps=-(-args.timed_images // batch),
+                              warmup=-(-args.warmup_images // batch), images=args.images,
+                              data_root="", set=[*model, *augment, *overrides, *args.set])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", action="append", default=[], metavar="LABEL=CONFIG[:OVERRIDE,...]",
+                        help="a network and its recipe; the first is the baseline (default: "
+                             + " and ".join(DEFAULT_RECIPES) + ")")
+    parser.add_argument("--batch-size", type=int, default=0, help="per process; default: each config's own")
+    parser.add_argument("--timed-images", type=int, default=6144,
+                        help="images timed per measurement, rounded up to whole epochs (default %(default)s)")
+    parser.add_argument("--warmup-images", type=int, default=2048, help="untimed images first (default %(default)s)")
+    parser.add_argument("--images", type=int, default=2048, help="fake images per epoch (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the recipes (default %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every recipe, e.g. --set train.precision=fp32")
+    parser.add_argument("--quick", action="store_true", help="1,024 images, one round: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.timed_images, args.warmup_images, args.repeats, args.images = 1024, 512, 1, 1024
+    recipes = [parse_recipe(r) for r in (args.recipe or DEFAULT_RECIPES)]
+    runs = {label: recipe_args(args, config, overrides) for label, config, overrides in recipes}
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, device: {device}, {args.repeats} rounds, fake data"
+          + (f", overrides: {' '.join(args.set)}" if args.set else ""), flush=True)
+    speeds = {label: [] for label in runs}
+    for round_ in range(args.repeats):
+        for label, run in runs.items():
+            speeds[label].append(measure_cifar_ddp(run))
+            print(f"round {round_ + 1}: {label:>14} batch {run.batch_size:4d}: {speeds[label][-1]:10.1f} images/s",
+                  flush=True)
+    baseline = next(iter(runs))
+    ratios = []
+    for label, run in runs.items():
+        median = statistics.median(speeds[label])
+        print(f"{label:>14} batch {run.batch_size:4d}: median {median:10.1f} images/s, "
+              f"{EPOCH_IMAGES / median:9.1f} s per {EPOCH_IMAGES:,}-image epoch", flush=True)
+        if label != baseline:
+            ratios.append(f"ratio_vs_{baseline}[{label}]={median / statistics.median(speeds[baseline]):.2f}")
+    print(" ".join(ratios) if ratios else "one recipe: no ratio")
+
+
+if __name__ == "__main__":
+    main()
