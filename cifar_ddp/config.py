@@ -77,7 +77,13 @@ class ModelConfig:
     widths: List[int] = field(default_factory=list)
     dropout: float = 0.05
     num_classes: int = 10
+    # sep_resnet only: start every residual unit as the identity (its last BN's gain at 0,
+    # as torchvision's ResNet `zero_init_residual`), so the deep net starts as a shallow one.
+    zero_init_residual: bool = False
 
+
+# The models whose blocks have identity shortcuts (model.zero_init_residual applies).
+RESIDUAL_MODELS = ("sep_resnet",)
 
 # How many channel widths each model takes, what they are, and its defaults.
 WIDTHS_PER_MODEL = {
@@ -320,6 +326,9 @@ def validate(cfg: Config) -> None:
              f"model.widths is {m.widths}; {m.name} takes {count} positive channel counts ({meaning}), "
              f"e.g. {example}, or model.widths=[] for those")
     _require(0 <= m.dropout < 1, f"model.dropout is {m.dropout}; it must be in [0, 1)")
+    _require(not m.zero_init_residual or m.name in RESIDUAL_MODELS,
+             f"model.zero_init_residual=true needs a model with residual units ({', '.join(RESIDUAL_MODELS)}); "
+             f"{m.name} has none: drop the setting")
     _require(m.num_classes >= 2, "model.num_classes must be at least 2")
     _require(d.fake_size >= 1, "data.fake_size must be at least 1")
     _require(d.val_size >= 0, "data.val_size must be >= 0")

@@ -121,3 +121,18 @@ def test_dilated_depthwise_convs_run_undilated_on_the_cpu(monkeypatch):
     depthwise = [(k, d) for k, d, groups in calls if groups > 1]
     assert (5, 1) in depthwise, "the dilated units ran as 5x5 undilated convs"
     assert all(d == 1 for _, d in depthwise), f"a dilated depthwise conv reached torch: {depthwise}"
+
+
+def test_zero_init_residual_starts_every_unit_as_the_identity():
+    from cifar_ddp.models.sep_resnet import SeparableResidualUnit
+
+    x = torch.randn(2, 96, 8, 8)
+    for flag in (True, False):
+        model = build_model(load_config(None, ["model.name=sep_resnet", f"model.zero_init_residual={flag}"]))
+        units = [m for m in model.modules() if isinstance(m, SeparableResidualUnit)]
+        assert len(units) == 6
+        wide = [u for u in units if u.depthwise.in_channels == 96]
+        identity = torch.equal(wide[0](x), torch.relu(x))
+        assert identity == flag, f"zero_init_residual={flag}: unit is identity: {identity}"
+    with pytest.raises(ConfigError, match="zero_init_residual.*seed has none"):
+        load_config(None, ["model.zero_init_residual=true"])

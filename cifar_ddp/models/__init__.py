@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Union
 
 from torch import nn
 
-from ..config import WIDTHS_PER_MODEL, Config, ModelConfig, config_from_dict
+from ..config import RESIDUAL_MODELS, WIDTHS_PER_MODEL, Config, ModelConfig, config_from_dict
 from ..errors import ConfigError
 from .seed import SeedNet
 from .sep_resnet import SepResNet
@@ -48,7 +48,8 @@ def build_model(cfg_or_name: Union[str, Config, ModelConfig, Dict[str, Any]]) ->
             f"unknown model '{model_cfg.name}'; available: {', '.join(sorted(_BUILDERS))}"
         ) from None
     widths = model_cfg.widths or WIDTHS_PER_MODEL[model_cfg.name][2]
-    return builder(widths=widths, dropout=model_cfg.dropout, num_classes=model_cfg.num_classes)
+    extra = {"zero_init_residual": model_cfg.zero_init_residual} if model_cfg.name in RESIDUAL_MODELS else {}
+    return builder(widths=widths, dropout=model_cfg.dropout, num_classes=model_cfg.num_classes, **extra)
 
 
 __all__ = ["build_model", "find_layer", "CAM_LAYERS", "SeedNet", "SepResNet"]

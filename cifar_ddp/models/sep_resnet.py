@@ -64,7 +64,7 @@ class SeparableDownUnit(nn.Sequential):
 
 class SepResNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (48, 96, 128, 192), dropout: float = 0.0,
-                 num_classes: int = 10) -> None:
+                 num_classes: int = 10, zero_init_residual: bool = False) -> None:
         super().__init__()
         w1, w2, w3, w4 = widths
         self.c1 = nn.Sequential(
@@ -89,6 +89,10 @@ class SepResNet(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(w4, num_classes),
         )
+        if zero_init_residual:
+            for unit in self.modules():
+                if isinstance(unit, SeparableResidualUnit):
+                    nn.init.zeros_(unit.pointwise_bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c4(self.c3(self.c2(self.c1(x))))
