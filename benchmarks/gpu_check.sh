@@ -21,18 +21,8 @@ set -uo pipefail
 export OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 STARTED=$(date +%s)
-export PYTHONUNBUFFERED=1
 DATA=${1:-/tmp/cifar10-jpeg}
-if ls .dev/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
-fi
-if [ ! -d "$DATA/train" ] && [ -f .dev/cifar10-jpeg.zip ]; then
-  python3 -m zipfile -e .dev/cifar10-jpeg.zip "$DATA"   # holds train/ and test/
-fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/device.txt"
+source benchmarks/gpu_env.sh
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record status and seconds
   local name=$1 limit=$2; shift 2
