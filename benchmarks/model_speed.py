@@ -20,6 +20,7 @@ Prints images/s, seconds per 50,000-image epoch, and for each recipe after the f
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -31,27 +32,38 @@ import torch  # noqa: E402
 from throughput import measure_cifar_ddp  # noqa: E402
 
 from cifar_ddp.config import load_config  # noqa: E402
+from cifar_ddp.errors import ConfigError  # noqa: E402
 
 DEFAULT_RECIPES = ["seed=configs/fast85.yaml", "sep_resnet=configs/sep_resnet10.yaml"]
 EPOCH_IMAGES = 50_000
+
+
+def fail(message: str) -> None:
+    """Bad input: one line naming the problem and the fix, exit status 2 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_recipe(text: str):
     """LABEL=CONFIG[:OVERRIDE,...] -> (label, config path, overrides)."""
     label, sep, rest = text.partition("=")
     if not sep or not label or not rest:
-        raise SystemExit(f"error: --recipe {text!r} is not LABEL=CONFIG[:OVERRIDE,...]; "
-                         "e.g. --recipe sep=configs/sep_resnet10.yaml:model.dropout=0.1")
+        fail(f"--recipe {text!r} is not LABEL=CONFIG[:OVERRIDE,...]; "
+             "e.g. --recipe sep=configs/sep_resnet10.yaml:model.dropout=0.1")
     config, _, overrides = rest.partition(":")
     path = Path(config) if Path(config).is_absolute() else REPO / config
     if not path.is_file():
-        raise SystemExit(f"error: --recipe {label}: no config file {path}; give a path under configs/")
-    return label, path, [o for o in overrides.split(",") if o]
+        fail(f"--recipe {label}: no config file {path}; give one, e.g. configs/sep_resnet10.yaml")
+    # Split at the commas that start another key=, not those inside a list value.
+    return label, path, [o for o in re.split(r",(?=[\w.]+=)", overrides) if o]
 
 
 def recipe_args(args: argparse.Namespace, config: Path, overrides: list) -> argparse.Namespace:
     """throughput.py's arguments for one recipe: its model, augmentation and batch size."""
-    cfg = load_config(config, overrides)
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as error:
+        fail(f"--recipe with {config.name}: {error}")
     batch = args.batch_size or cfg.train.batch_size
     # All of the model's settings: the base config (seed.yaml) may set widths of its own.
     model = [f"model.name={cfg.model.name}", f"model.widths={list(cfg.model.widths)}".replace(" ", ""),
@@ -82,6 +94,9 @@ def main() -> None:
     if args.quick:
         args.timed_images, args.warmup_images, args.repeats, args.images = 1024, 512, 1, 1024
     recipes = [parse_recipe(r) for r in (args.recipe or DEFAULT_RECIPES)]
+    labels = [label for label, _, _ in recipes]
+    if len(set(labels)) != len(labels):
+        fail(f"two --recipe share a label ({', '.join(labels)}); give each its own")
     runs = {label: recipe_args(args, config, overrides) for label, config, overrides in recipes}
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"

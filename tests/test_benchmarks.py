@@ -1,0 +1,48 @@
+"""benchmarks/model_speed.py times each network as its recipe trains it: the model, widths,
+augmentation and batch size handed to the timed step are the recipe's. Bad input is one
+line and exit status 2. (No timing is asserted: tests never depend on wall time.)"""
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import model_speed  # noqa: E402
+from throughput import make_config  # noqa: E402
+
+
+def timed_config(recipe: str, batch_size: int = 0):
+    label, config, overrides = model_speed.parse_recipe(recipe)
+    args = Namespace(batch_size=batch_size, timed_images=6144, warmup_images=2048, images=2048, set=[])
+    run = model_speed.recipe_args(args, config, overrides)
+    return label, run, make_config(run)   # the config benchmarks/throughput.py's step is built from
+
+
+def test_each_recipe_is_timed_with_its_own_model_batch_and_augmentation():
+    label, run, cfg = timed_config("sep=configs/sep_resnet10.yaml")
+    assert label == "sep"
+    assert (cfg.model.name, cfg.model.widths, cfg.model.dropout) == ("sep_resnet", [], 0.0)
+    assert cfg.train.batch_size == 512 and run.steps == 12 and run.warmup == 4   # 6,144 and 2,048 images
+    assert (cfg.augment.affine_p, cfg.augment.cutout_p) == (0.5, 0.5)
+
+    _, run, cfg = timed_config("seed=configs/fast85.yaml")
+    assert (cfg.model.name, cfg.model.dropout, cfg.train.batch_size, run.steps) == ("seed", 0.0, 128, 48)
+
+    _, _, cfg = timed_config("wide=configs/sep_resnet10.yaml:model.widths=[32,64,96,128],augment.cutout_p=0", 256)
+    assert (cfg.model.widths, cfg.augment.cutout_p, cfg.train.batch_size) == ([32, 64, 96, 128], 0.0, 256)
+
+
+@pytest.mark.parametrize("recipe,says", [
+    ("no-equals-sign", "is not LABEL=CONFIG"),
+    ("x=configs/nope.yaml", "no config file"),
+    ("x=configs/sep_resnet10.yaml:model.name=resnet", "model.name"),
+])
+def test_a_bad_recipe_is_one_line_and_exit_2(recipe, says):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "model_speed.py"), "--recipe", recipe],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
