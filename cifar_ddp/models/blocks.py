@@ -1,6 +1,6 @@
-"""Reusable building blocks: each is an nn.Sequential so that its leaf layers
+"""Reusable building blocks: each unit is an nn.Sequential so that its leaf layers
 (Conv2d, BatchNorm2d, ReLU, Dropout) appear one by one, in forward order, in the
-summary and the receptive-field walk."""
+summary and the receptive-field walk; DepthwiseConv2d is itself such a leaf (a Conv2d)."""
 
 from __future__ import annotations
 
