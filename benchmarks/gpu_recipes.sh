@@ -40,8 +40,8 @@ train() {  # train NAME CONFIG OVERRIDES...: in the background, bounded by DEADL
 
 accuracy() {  # accuracy NAME: the final accuracy a finished run printed, or 0
   python3 - "$LOGS/$1.log" <<'EOF'
-import json, sys
-lines = [l for l in open(sys.argv[1]) if l.startswith("final: ")]
+import json, os, sys
+lines = [l for l in open(sys.argv[1]) if l.startswith("final: ")] if os.path.exists(sys.argv[1]) else []
 print(json.loads(lines[-1][len("final: "):])["test_accuracy"] if lines else 0)
 EOF
 }
