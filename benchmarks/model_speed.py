@@ -59,21 +59,16 @@ def parse_recipe(text: str):
 
 
 def recipe_args(args: argparse.Namespace, config: Path, overrides: list) -> argparse.Namespace:
-    """throughput.py's arguments for one recipe: its model, augmentation and batch size."""
+    """throughput.py's arguments for one recipe: its config (model, augmentation, precision)
+    with its overrides, at its batch size unless --batch-size is given."""
     try:
-        cfg = load_config(config, overrides)
+        batch = args.batch_size or load_config(config, overrides).train.batch_size
     except ConfigError as error:
         fail(f"--recipe with {config.name}: {error}")
-    batch = args.batch_size or cfg.train.batch_size
-    # All of the model's settings: the base config (seed.yaml) may set widths of its own.
-    model = [f"model.name={cfg.model.name}", f"model.widths={list(cfg.model.widths)}".replace(" ", ""),
-             f"model.dropout={cfg.model.dropout}"]
-    augment = [f"augment.{key}={getattr(cfg.augment, key)}"
-               for key in ("hflip_p", "affine_p", "cutout_p", "crop_p") if hasattr(cfg.augment, key)]
     # The same number of images for every recipe, whatever its batch size.
-    return argparse.Namespace(batch_size=batch, steps=-(-args.timed_images // batch),
+    return argparse.Namespace(config=config, batch_size=batch, steps=-(-args.timed_images // batch),
                               warmup=-(-args.warmup_images // batch), images=args.images,
-                              data_root="", set=[*model, *augment, *overrides, *args.set])
+                              data_root="", set=[*overrides, *args.set])
 
 
 def main() -> None:

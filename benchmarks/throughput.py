@@ -56,7 +56,8 @@ def make_config(args: argparse.Namespace, extra=()):
         overrides += ["data.source=folder", f"data.root={args.data_root}"]
     else:
         overrides += ["data.source=fake", f"data.fake_size={args.images}"]
-    return load_config(REPO / "configs" / "seed.yaml", overrides)
+    # The recipe's own config where a caller names one (benchmarks/model_speed.py), else seed.yaml.
+    return load_config(getattr(args, "config", None) or REPO / "configs" / "seed.yaml", overrides)
 
 
 def measure_naive(args: argparse.Namespace) -> float:
