@@ -4,7 +4,7 @@
 # packed in $OUT/recipes.tgz (the device returns only a handful of files).
 #
 #   bash benchmarks/gpu_recipes.sh [DATA_DIR]      # on the lent machine: carry .dev (gpu_env.sh)
-#   RECIPE_OVERRIDES="data.source=fake data.fake_size=2048 train.epochs=2" SPEED_ARGS=--quick \
+#   RECIPE_OVERRIDES="data.source=fake data.fake_size=2048 train.epochs=2" SPEED_ARGS="--quick --set train.cuda_graph=false" \
 #     bash benchmarks/gpu_recipes.sh               # a dry run of the script (CPU is fine)
 #
 # 1. SepResNet's pace alone on the GPU against the seed net's (benchmarks/model_speed.py,

@@ -32,7 +32,9 @@ import torch  # noqa: E402
 from throughput import measure_cifar_ddp  # noqa: E402
 
 from cifar_ddp.config import load_config  # noqa: E402
-from cifar_ddp.errors import ConfigError  # noqa: E402
+from cifar_ddp.engine import resolve_precision  # noqa: E402
+from cifar_ddp.errors import UserError  # noqa: E402
+from cifar_ddp.step import check_step_options  # noqa: E402
 
 DEFAULT_RECIPES = ["seed=configs/fast85.yaml", "sep_resnet=configs/sep_resnet10.yaml"]
 EPOCH_IMAGES = 50_000
@@ -58,13 +60,17 @@ def parse_recipe(text: str):
     return label, path, [o for o in re.split(r",(?=[\w.]+=)", overrides) if o]
 
 
-def recipe_args(args: argparse.Namespace, config: Path, overrides: list) -> argparse.Namespace:
+def recipe_args(args: argparse.Namespace, config: Path, overrides: list, device: torch.device) -> argparse.Namespace:
     """throughput.py's arguments for one recipe: its config (model, augmentation, precision)
     with its overrides, at its batch size unless --batch-size is given."""
     try:
-        batch = args.batch_size or load_config(config, overrides).train.batch_size
-    except ConfigError as error:
-        fail(f"--recipe with {config.name}: {error}")
+        cfg = load_config(config, [*overrides, *args.set])
+        # What the trainer would refuse on this device (a CUDA-graph recipe on a CPU) is
+        # refused here too, before any recipe is timed.
+        check_step_options(cfg.train, device, resolve_precision(cfg.train.precision, device))
+    except UserError as error:   # ConfigError included
+        fail(f"--recipe with {config.name}: {error} (for every recipe: --set KEY=VALUE)")
+    batch = args.batch_size or cfg.train.batch_size
     # The same number of images for every recipe, whatever its batch size.
     return argparse.Namespace(config=config, batch_size=batch, steps=-(-args.timed_images // batch),
                               warmup=-(-args.warmup_images // batch), images=args.images,
@@ -92,10 +98,11 @@ def main() -> None:
     labels = [label for label, _, _ in recipes]
     if len(set(labels)) != len(labels):
         fail(f"two --recipe share a label ({', '.join(labels)}); give each its own")
-    runs = {label: recipe_args(args, config, overrides) for label, config, overrides in recipes}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = {label: recipe_args(args, config, overrides, device) for label, config, overrides in recipes}
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, device: {device}, {args.repeats} rounds, fake data"
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, device: {device_name}, {args.repeats} rounds, fake data"
           + (f", overrides: {' '.join(args.set)}" if args.set else ""), flush=True)
     speeds = {label: [] for label in runs}
     for round_ in range(args.repeats):

@@ -66,6 +66,7 @@ class TrainStep:
                  device: torch.device, first_step: int, ema: Optional[WeightEma] = None,
                  scaler: Optional[torch.amp.GradScaler] = None, bare_model: Optional[nn.Module] = None,
                  stream: Optional["torch.cuda.Stream"] = None) -> None:
+        check_step_options(cfg, device, precision)   # every caller, not only the trainer
         self.compiled = cfg.compile
         self.model = torch.compile(model, dynamic=False) if cfg.compile else model
         self.bare_model = bare_model if bare_model is not None else model

@@ -6,6 +6,7 @@ import sys
 from argparse import Namespace
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -14,10 +15,10 @@ import model_speed  # noqa: E402
 from throughput import make_config  # noqa: E402
 
 
-def timed_config(recipe: str, batch_size: int = 0):
+def timed_config(recipe: str, batch_size: int = 0, for_all=()):
     label, config, overrides = model_speed.parse_recipe(recipe)
-    args = Namespace(batch_size=batch_size, timed_images=6144, warmup_images=2048, images=2048, set=[])
-    run = model_speed.recipe_args(args, config, overrides)
+    args = Namespace(batch_size=batch_size, timed_images=6144, warmup_images=2048, images=2048, set=list(for_all))
+    run = model_speed.recipe_args(args, config, overrides, torch.device("cpu"))
     return label, run, make_config(run)   # the config benchmarks/throughput.py's step is built from
 
 
@@ -39,10 +40,23 @@ def test_each_recipe_is_timed_with_its_own_model_batch_and_augmentation():
     ("no-equals-sign", "is not LABEL=CONFIG"),
     ("x=configs/nope.yaml", "no config file"),
     ("x=configs/sep_resnet10.yaml:model.name=resnet", "model.name"),
+    # the trainer refuses a captured step on a CPU; so does the benchmark, before timing anything
+    ("x=configs/fast85_gpu.yaml", "train.cuda_graph=true needs a CUDA GPU"),
 ])
 def test_a_bad_recipe_is_one_line_and_exit_2(recipe, says):
+    if "cuda_graph" in says and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU runs the captured step")
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "model_speed.py"), "--recipe", recipe],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+
+
+def test_set_applies_to_every_recipe_and_lifts_a_cuda_only_option():
+    # fast85_gpu's captured step is CUDA-only; --set train.cuda_graph=false times its network,
+    # batch and augmentation on the CPU, and --set batch sizes count for the step sizes.
+    _, run, cfg = timed_config("gpu=configs/fast85_gpu.yaml", for_all=["train.cuda_graph=false"])
+    assert (cfg.model.name, cfg.train.batch_size, cfg.train.cuda_graph, run.steps) == ("seed", 512, False, 12)
+    _, run, cfg = timed_config("sep=configs/sep_resnet10.yaml", for_all=["train.batch_size=128"])
+    assert (cfg.train.batch_size, run.batch_size, run.steps) == (128, 128, 48)

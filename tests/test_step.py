@@ -13,6 +13,7 @@ from cifar_ddp.data.loaders import TrainBatches
 from cifar_ddp.data.sources import ImageSplit
 from cifar_ddp.ema import WeightEma
 from cifar_ddp.engine import SyncPlan
+from cifar_ddp.errors import UserError
 from cifar_ddp.models import build_model
 from cifar_ddp.optim import build_optimizer
 from cifar_ddp.step import TrainStep
@@ -225,3 +226,9 @@ def test_epoch_augmentation_ignores_chunking_and_resumes_at_its_step(monkeypatch
     gen = torch.Generator().manual_seed(loaders.epoch_seed(3, 0, 2))
     expected = batches.batch_augment(torch.from_numpy(images)[order], gen)
     assert torch.equal(torch.cat([b for b, _ in whole]), expected)
+
+
+def test_the_step_itself_refuses_a_captured_step_on_cpu():
+    # Not only the trainer: the benchmarks and lr_find build TrainStep directly.
+    with pytest.raises(UserError, match="train.cuda_graph=true needs a CUDA GPU"):
+        make_step(tiny_model(), cuda_graph=True)
