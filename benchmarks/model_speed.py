@@ -105,16 +105,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, device: {device_name}, {args.repeats} rounds, fake data"
           + (f", overrides: {' '.join(args.set)}" if args.set else ""), flush=True)
     speeds = {label: [] for label in runs}
+    width = max(14, *map(len, runs))
     for round_ in range(args.repeats):
         for label, run in runs.items():
             speeds[label].append(measure_cifar_ddp(run))
-            print(f"round {round_ + 1}: {label:>14} batch {run.batch_size:4d}: {speeds[label][-1]:10.1f} images/s",
+            print(f"round {round_ + 1}: {label:>{width}} batch {run.batch_size:4d}: {speeds[label][-1]:10.1f} images/s",
                   flush=True)
     baseline = next(iter(runs))
     ratios = []
     for label, run in runs.items():
         median = statistics.median(speeds[label])
-        print(f"{label:>14} batch {run.batch_size:4d}: median {median:10.1f} images/s, "
+        print(f"{label:>{width}} batch {run.batch_size:4d}: median {median:10.1f} images/s, "
               f"{EPOCH_IMAGES / median:9.1f} s per {EPOCH_IMAGES:,}-image epoch", flush=True)
         if label != baseline:
             ratios.append(f"ratio_vs_{baseline}[{label}]={median / statistics.median(speeds[baseline]):.2f}")
