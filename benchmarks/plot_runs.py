@@ -4,12 +4,12 @@ training_log.md (the table every run writes into its folder).
 
 Each --run is LABEL=PATH[@IMAGES_PER_S]. The time axis is the run's own per-epoch times,
 or, with @IMAGES_PER_S, epochs x training images / IMAGES_PER_S: a rate measured for all
-runs on one machine (benchmarks/throughput.py), so that runs logged on different or shared
+runs on one machine (benchmarks/model_speed.py), so that runs logged on different or shared
 machines are compared at one machine's pace.
 
     python benchmarks/plot_runs.py --out docs/sep_resnet_vs_seed.png \\
-        --run "seed net=docs/runs/h200_fast85_gpu_seed0.md@157" \\
-        --run "SepResNet=docs/runs/cpu_sep_resnet10_seed0.md@187"
+        --run "seed net=docs/runs/h200_fast85_gpu_seed0.md@293" \\
+        --run "SepResNet=docs/runs/cpu_sep_resnet10_seed0.md@168"
 """
 
 from __future__ import annotations
