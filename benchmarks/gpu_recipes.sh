@@ -15,7 +15,8 @@
 #    - 10-epoch candidates on the validation carve (5,000 training images held out),
 #      seeds 0 and 1 each: sep_resnet10 as it is, lighter augmentation with more plain
 #      epochs (what helped the seed net in 10 epochs), residual units started as the
-#      identity, both, batch 256 and batch 128 (2x and 4x the steps; on the CPU 128 scored 82.6%, two seeds, against 81.8% at 512).
+#      identity, both, batch 256 and batch 128 (2x and 4x the steps; on the CPU batch 128
+#      scored 82.6%, two seeds, against 81.8% at 512, one seed).
 # 3. When the candidates are done: the best mean validation accuracy over the two seeds,
 #    10 epochs on the test split, seeds 0 and 1 (>= 85% in 10 epochs?).
 set -uo pipefail
@@ -52,11 +53,11 @@ speed=(--repeats 3 --timed-images 51200 --warmup-images 10240 --images 10240
        --recipe sep_resnet10_b128=configs/sep_resnet10.yaml:train.batch_size=128)
 # shellcheck disable=SC2206  # SPEED_ARGS is words on purpose
 speed+=(${SPEED_ARGS:-})
-timeout 120 python3 benchmarks/model_speed.py "${speed[@]}" > "$LOGS/speed_eager.log" 2>&1
+timeout 150 python3 benchmarks/model_speed.py "${speed[@]}" > "$LOGS/speed_eager.log" 2>&1
 echo "speed, eager: exit $? | $(tail -n 1 "$LOGS/speed_eager.log")" | tee -a "$LOGS/summary.txt"
 long_runs_step=""
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  timeout 150 python3 benchmarks/model_speed.py "${speed[@]}" --set train.cuda_graph=true > "$LOGS/speed_graph.log" 2>&1
+  timeout 180 python3 benchmarks/model_speed.py "${speed[@]}" --set train.cuda_graph=true > "$LOGS/speed_graph.log" 2>&1
   status=$?
   echo "speed, cuda_graph: exit $status | $(tail -n 1 "$LOGS/speed_graph.log")" | tee -a "$LOGS/summary.txt"
   # The 100-epoch runs take the captured step (about 2x the eager pace) where it just
