@@ -136,6 +136,7 @@ class Trainer:
         resume_from = _resume_source(cfg, ctx)
         self.resume_path = resume_from[0] if resume_from else None
         self.precision = resolve_precision(t.precision, ctx.device)
+        # TrainStep makes this check too; here it stops a bad option before the data loads.
         check_step_options(t, ctx.device, self.precision)
         seed_everything(cfg.seed)
         if ctx.device.type == "cuda":
