@@ -4,7 +4,8 @@
 # packed in $OUT/recipes.tgz (the device returns only a handful of files).
 #
 #   bash benchmarks/gpu_recipes.sh [DATA_DIR]      # on the lent machine: carry .dev (gpu_env.sh)
-#   RECIPE_OVERRIDES="data.source=fake data.fake_size=2048 train.epochs=2" SPEED_ARGS="--quick --set train.cuda_graph=false" \
+#   SPEED_ARGS="--quick --set train.cuda_graph=false" RECIPE_OVERRIDES="data.source=fake data.fake_size=128 \
+#     data.val_size=0 train.epochs=1 augment.plain_last_epochs=0 train.batch_size=64 train.tta_flip=false" \
 #     bash benchmarks/gpu_recipes.sh               # a dry run of the script (CPU is fine)
 #
 # 1. SepResNet's pace alone on the GPU against the seed net's (benchmarks/model_speed.py,
@@ -13,10 +14,11 @@
 #    - configs/sep_resnet100.yaml, seeds 0 and 1, on the test split, to the end (>= 90%?),
 #      with the captured step if step 1 captured SepResNet without error;
 #    - 10-epoch candidates on the validation carve (5,000 training images held out),
-#      seeds 0 and 1 each: sep_resnet10 as it is, lighter augmentation with more plain
-#      epochs (what helped the seed net in 10 epochs), residual units started as the
-#      identity, both, batch 256 and batch 128 (2x and 4x the steps; on the CPU batch 128
-#      scored 82.6%, two seeds, against 81.8% at 512, one seed).
+#      seeds 0 and 1 each: sep_resnet10 as it is, batch 256, and batch 128 (on the CPU
+#      batch 128 scored 82.6%, two seeds, against 81.8% at 512, one seed) alone and with
+#      a higher peak LR (square-root instead of linear scaling from 512), lighter
+#      augmentation with more plain epochs, or residual units started as the identity;
+#      with the captured step too where it worked.
 # 3. When the candidates are done: the best mean validation accuracy over the two seeds,
 #    10 epochs on the test split, seeds 0 and 1 (>= 85% in 10 epochs?).
 set -uo pipefail
@@ -29,7 +31,9 @@ source benchmarks/gpu_env.sh
 # Up to 16 processes share the machine's cores: one thread each keeps them off each other.
 export OMP_NUM_THREADS=1
 
+STARTED=$(date +%s)
 left() { echo $(( DEADLINE - $(date +%s) )); }
+mark() { echo "t+$(( $(date +%s) - STARTED ))s: $*" | tee -a "$LOGS/summary.txt"; }
 
 train() {  # train NAME CONFIG OVERRIDES...: in the background, bounded by DEADLINE
   local name=$1 config=$2; shift 2
@@ -47,45 +51,56 @@ print(json.loads(lines[-1][len("final: "):])["test_accuracy"] if lines else 0)
 EOF
 }
 
-# 1. Pace, the GPU to itself. Each measurement is a few seconds; the limits only stop a hang.
-speed=(--repeats 3 --timed-images 51200 --warmup-images 10240 --images 10240
+# The JPEGs are decoded once, into the cache every run then reads, while step 1 times
+# fake data on the GPU (decoding is CPU work, on other cores).
+python3 -c "
+from cifar_ddp.config import load_config; from cifar_ddp.data.sources import load_dataset
+load_dataset(load_config('configs/sep_resnet10.yaml', ['data.root=$DATA']).data)" > "$LOGS/cache.log" 2>&1 &
+cache_pid=$!
+mark "set-up done"
+
+# 1. Pace, the GPU to itself. Each measurement is seconds; the limits only stop a hang.
+speed=(--repeats 2 --timed-images 25600 --warmup-images 10240 --images 10240
        --recipe fast85_gpu=configs/fast85_gpu.yaml --recipe sep_resnet10=configs/sep_resnet10.yaml
        --recipe sep_resnet10_b128=configs/sep_resnet10.yaml:train.batch_size=128)
 # shellcheck disable=SC2206  # SPEED_ARGS is words on purpose
 speed+=(${SPEED_ARGS:-})
-timeout 150 python3 benchmarks/model_speed.py "${speed[@]}" > "$LOGS/speed_eager.log" 2>&1
+timeout 100 python3 benchmarks/model_speed.py "${speed[@]}" > "$LOGS/speed_eager.log" 2>&1
 echo "speed, eager: exit $? | $(tail -n 1 "$LOGS/speed_eager.log")" | tee -a "$LOGS/summary.txt"
-long_runs_step=""
+captured_step=""
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  timeout 180 python3 benchmarks/model_speed.py "${speed[@]}" --set train.cuda_graph=true > "$LOGS/speed_graph.log" 2>&1
+  timeout 120 python3 benchmarks/model_speed.py "${speed[@]}" --set train.cuda_graph=true > "$LOGS/speed_graph.log" 2>&1
   status=$?
   echo "speed, cuda_graph: exit $status | $(tail -n 1 "$LOGS/speed_graph.log")" | tee -a "$LOGS/summary.txt"
-  # The 100-epoch runs take the captured step (about 2x the eager pace) where it just
-  # worked for SepResNet: they are the ones the deadline cut off last time.
-  [ "$status" -eq 0 ] && long_runs_step="train.cuda_graph=true"
+  # Every run below takes the captured step (about 2x the eager pace at batch 512, more
+  # at 128) where it just worked for SepResNet: the deadline cut the 100-epoch runs last time.
+  [ "$status" -eq 0 ] && captured_step="train.cuda_graph=true"
 fi
+
+wait "$cache_pid"; mark "data cache built (exit $?)"
 
 # 2. The long runs and the candidates, side by side.
 for seed in 0 1; do
-  train "sep_resnet100_s$seed" configs/sep_resnet100.yaml seed=$seed $long_runs_step
+  train "sep_resnet100_s$seed" configs/sep_resnet100.yaml seed=$seed $captured_step
 done
 declare -A CANDIDATES=(
   [as_is]=""
-  [light_aug]="augment.affine_p=0.25 augment.cutout_p=0 augment.plain_last_epochs=4"
-  [zero_init]="model.zero_init_residual=true"
-  [light_aug_zero_init]="augment.affine_p=0.25 augment.cutout_p=0 augment.plain_last_epochs=4 model.zero_init_residual=true"
   [batch256]="train.batch_size=256"
   [batch128]="train.batch_size=128"
+  [batch128_lr08]="train.batch_size=128 train.lr=0.8"
+  [batch128_light_aug]="train.batch_size=128 augment.affine_p=0.25 augment.cutout_p=0 augment.plain_last_epochs=4"
+  [batch128_zero_init]="train.batch_size=128 model.zero_init_residual=true"
 )
 candidate_pids=()
 for name in "${!CANDIDATES[@]}"; do
   for seed in 0 1; do
     # shellcheck disable=SC2086  # the overrides are words on purpose
-    train "val_${name}_s$seed" configs/sep_resnet10.yaml data.val_size=5000 seed=$seed ${CANDIDATES[$name]}
+    train "val_${name}_s$seed" configs/sep_resnet10.yaml data.val_size=5000 seed=$seed ${CANDIDATES[$name]} $captured_step
     candidate_pids+=($!)
   done
 done
 wait "${candidate_pids[@]}"
+mark "candidates done"
 
 # 3. The winner on the test split.
 best="" best_acc=0
@@ -99,10 +114,11 @@ if [ -n "$best" ]; then
   echo "chosen on the validation carve: $best" | tee -a "$LOGS/summary.txt"
   for seed in 0 1; do
     # shellcheck disable=SC2086
-    train "test_${best}_s$seed" configs/sep_resnet10.yaml seed=$seed ${CANDIDATES[$best]}
+    train "test_${best}_s$seed" configs/sep_resnet10.yaml seed=$seed ${CANDIDATES[$best]} $captured_step
   done
 fi
 wait
+mark "all runs ended"
 for log in "$LOGS"/sep_resnet100_s*.log "$LOGS"/test_*.log; do
   [ -f "$log" ] || continue
   name=$(basename "$log" .log)
