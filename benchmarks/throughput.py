@@ -46,7 +46,7 @@ from cifar_ddp.distributed import init_distributed, shutdown, wrap_ddp  # noqa: 
 from cifar_ddp.engine import SyncPlan, TrainState, resolve_precision, train_one_epoch  # noqa: E402
 from cifar_ddp.models import build_model  # noqa: E402
 from cifar_ddp.optim import build_optimizer  # noqa: E402
-from cifar_ddp.step import GRAPH_WARMUP_STEPS, TrainStep, capture_stream  # noqa: E402
+from cifar_ddp.step import GRAPH_WARMUP_STEPS, TrainStep, capture_stream, resolve_step_options  # noqa: E402
 from cifar_ddp.trainer import build_training_model  # noqa: E402
 
 
@@ -102,10 +102,11 @@ def measure_cifar_ddp(args: argparse.Namespace, extra=()) -> float:
             torch.backends.cudnn.benchmark = True
         model = build_training_model(cfg, ctx)
         optimizer = build_optimizer(model, cfg.train, 0.05)
-        stream = capture_stream(cfg.train, ctx.device)
-        wrapped = wrap_ddp(model, ctx, stream)
         precision = resolve_precision(cfg.train.precision, ctx.device)
-        step = TrainStep(wrapped, optimizer, cfg.train, precision, ctx.device, 0, bare_model=model, stream=stream)
+        train = resolve_step_options(cfg.train, ctx.device, precision)
+        stream = capture_stream(train, ctx.device)
+        wrapped = wrap_ddp(model, ctx, stream)
+        step = TrainStep(wrapped, optimizer, train, precision, ctx.device, 0, bare_model=model, stream=stream)
 
         def endless():
             for epoch in itertools.count():
@@ -116,7 +117,7 @@ def measure_cifar_ddp(args: argparse.Namespace, extra=()) -> float:
         # at its start, so a window must hold whole epochs to be charged its fair share.
         # Compiling and capturing happen in the warm-up, which is not timed.
         per_epoch = batches.steps_per_epoch
-        warmup = max(args.warmup, GRAPH_WARMUP_STEPS + 2) if cfg.train.cuda_graph else args.warmup
+        warmup = max(args.warmup, GRAPH_WARMUP_STEPS + 2) if train.cuda_graph else args.warmup
         warmup, timed = (-(-count // per_epoch) * per_epoch for count in (warmup, args.steps))
         stream, plan, state = endless(), SyncPlan(every=10**9), TrainState()
         train_one_epoch(step, itertools.islice(stream, warmup), lambda s: 0.05, state, plan, ctx)

@@ -143,7 +143,9 @@ class TrainConfig:
     compile: bool = False
     # CUDA only: capture the whole step (forward, loss, backward, all-reduce, optimizer,
     # EMA, metrics) as one CUDA graph after a few eager warm-up steps, and replay it.
-    cuda_graph: bool = False
+    # "auto": on where it can run (a CUDA device, precision not fp16), off elsewhere, so
+    # one config is fast on a GPU and still runs on a CPU.
+    cuda_graph: Literal[False, True, "auto"] = False
     progress_bar: bool = True
 
 
@@ -179,7 +181,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value in allowed:
+        # Same type too: 1 == True, but `1` is not a valid value for a true/false/"auto" key.
+        if any(value == a and type(value) is type(a) for a in allowed):
             return value
         raise ConfigError(f"config key '{key}' is {value!r}; expected {_type_name(tp)}")
     if origin in (list, List):

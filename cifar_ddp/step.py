@@ -20,6 +20,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from typing import Dict, Optional, Sequence
 
@@ -44,7 +45,19 @@ def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
+def resolve_step_options(cfg: TrainConfig, device: torch.device, precision: str) -> TrainConfig:
+    """`cfg` with `cuda_graph: auto` made true or false for this device and precision,
+    after refusing what cannot run here. Every builder of a step calls it (TrainStep
+    does it again): the rest of the code sees only true or false."""
+    if cfg.cuda_graph == "auto":
+        cfg = dataclasses.replace(cfg, cuda_graph=device.type == "cuda" and precision != "fp16")
+    check_step_options(cfg, device, precision)
+    return cfg
+
+
 def check_step_options(cfg: TrainConfig, device: torch.device, precision: str) -> None:
+    if cfg.cuda_graph == "auto":
+        raise ValueError("train.cuda_graph=auto must go through resolve_step_options first")
     if cfg.cuda_graph and device.type != "cuda":
         raise UserError("train.cuda_graph=true needs a CUDA GPU; on CPU leave it false (train.compile=true works there)")
     if cfg.cuda_graph and precision == "fp16":
@@ -53,7 +66,9 @@ def check_step_options(cfg: TrainConfig, device: torch.device, precision: str) -
 
 
 def capture_stream(cfg: TrainConfig, device: torch.device):
-    """The side stream DDP must be built on, and warm up on, when the step is captured."""
+    """The side stream DDP must be built on, and warm up on, when the step is captured
+    (`cfg` as resolve_step_options returns it)."""
+    check_step_options(cfg, device, "fp32")   # only refuses an unresolved "auto" here
     if cfg.cuda_graph and device.type == "cuda":
         return torch.cuda.Stream(device)
     return None
@@ -66,7 +81,7 @@ class TrainStep:
                  device: torch.device, first_step: int, ema: Optional[WeightEma] = None,
                  scaler: Optional[torch.amp.GradScaler] = None, bare_model: Optional[nn.Module] = None,
                  stream: Optional["torch.cuda.Stream"] = None) -> None:
-        check_step_options(cfg, device, precision)   # every caller, not only the trainer
+        cfg = resolve_step_options(cfg, device, precision)   # every caller, not only the trainer
         self.compiled = cfg.compile
         self.model = torch.compile(model, dynamic=False) if cfg.compile else model
         self.bare_model = bare_model if bare_model is not None else model
@@ -226,4 +241,5 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["TrainStep", "GRAPH_WARMUP_STEPS", "autocast", "capture_stream", "check_step_options"]
+__all__ = ["TrainStep", "GRAPH_WARMUP_STEPS", "autocast", "capture_stream", "check_step_options",
+           "resolve_step_options"]

@@ -30,7 +30,7 @@ from .files import check_writable_folder
 from .loggers import SilentLogger, make_logger
 from .models import build_model
 from .optim import build_optimizer, lr_at, peak_lr
-from .step import TrainStep, capture_stream, check_step_options
+from .step import TrainStep, capture_stream, resolve_step_options
 
 # How many of the most confident mistakes the end-of-training pictures show.
 FIGURE_MISTAKES = 24
@@ -126,8 +126,7 @@ class Trainer:
     (collectives inside); only the logger and checkpoint writes are rank-0 side effects."""
 
     def __init__(self, cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> None:
-        self.cfg, self.ctx, self.t = cfg, ctx, cfg.train
-        t = self.t
+        self.cfg, self.ctx = cfg, ctx
         self.out_dir = Path(cfg.out_dir)
         if ctx.is_main:  # rank 0 writes everything: find out now, not after loading the data
             check_writable_folder(self.out_dir, "out_dir")
@@ -135,9 +134,10 @@ class Trainer:
         # Before loading the data: an explicit --resume that finds nothing stops at once.
         resume_from = _resume_source(cfg, ctx)
         self.resume_path = resume_from[0] if resume_from else None
-        self.precision = resolve_precision(t.precision, ctx.device)
-        # TrainStep makes this check too; here it stops a bad option before the data loads.
-        check_step_options(t, ctx.device, self.precision)
+        self.precision = resolve_precision(cfg.train.precision, ctx.device)
+        # TrainStep does this too; here it stops a bad option before the data loads, and
+        # settles cuda_graph=auto for this device (cfg.train keeps "auto", as given).
+        self.t = t = resolve_step_options(cfg.train, ctx.device, self.precision)
         seed_everything(cfg.seed)
         if ctx.device.type == "cuda":
             # Fixed input shapes: let cuDNN pick the fastest kernels once.
@@ -193,7 +193,7 @@ class Trainer:
             "steps/epoch": self.batches.steps_per_epoch, "train images": len(data.train),
             f"{eval_split(cfg)} images": len(data.test),
             "params": sum(p.numel() for p in self.model.parameters()), "augment": cfg.augment.backend,
-            "compile": cfg.train.compile, "cuda graph": cfg.train.cuda_graph,
+            "compile": self.t.compile, "cuda graph": self.t.cuda_graph,
         }
         self.logger.start(cfg.to_dict(), info, history=state.history)
         if state.global_step == 0 and ctx.is_main:

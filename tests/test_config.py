@@ -19,6 +19,12 @@ def test_shipped_configs_validate(name):
     assert isinstance(load_config(REPO / "configs" / name), Config)
 
 
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_cuda_graph_takes_true_false_or_auto(value, expected):
+    got = load_config(None, [f"train.cuda_graph={value}"]).train.cuda_graph
+    assert got == expected and type(got) is type(expected)
+
+
 def test_unknown_key_names_key_and_allowed_keys():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.epoch=3"])
@@ -38,6 +44,7 @@ def test_unknown_section_in_yaml(tmp_path: Path):
     ("train.epochs=2.5", "expected int"),
     ("train.channels_last=1", "expected bool"),
     ("train.precision=fp8", "one of 'auto', 'bf16', 'fp16', 'fp32'"),
+    ("train.cuda_graph=1", "one of False, True, 'auto'"),     # 1 == True, but not a bool
     ("model.widths=16", "expected list of int"),
     ("train.lr=fast", "expected float"),
 ])

@@ -16,7 +16,7 @@ from cifar_ddp.engine import SyncPlan
 from cifar_ddp.errors import UserError
 from cifar_ddp.models import build_model
 from cifar_ddp.optim import build_optimizer
-from cifar_ddp.step import TrainStep
+from cifar_ddp.step import TrainStep, capture_stream, resolve_step_options
 
 from conftest import train_in_process
 
@@ -232,3 +232,30 @@ def test_the_step_itself_refuses_a_captured_step_on_cpu():
     # Not only the trainer: the benchmarks and lr_find build TrainStep directly.
     with pytest.raises(UserError, match="train.cuda_graph=true needs a CUDA GPU"):
         make_step(tiny_model(), cuda_graph=True)
+
+
+@pytest.mark.parametrize("device, precision, captured", [
+    ("cpu", "fp32", False), ("cpu", "bf16", False),
+    ("cuda", "bf16", True), ("cuda", "fp32", True),
+    ("cuda", "fp16", False),                         # GradScaler cannot be captured
+])
+def test_cuda_graph_auto_is_settled_for_the_device(device, precision, captured):
+    resolved = resolve_step_options(TrainConfig(cuda_graph="auto"), torch.device(device), precision)
+    assert resolved.cuda_graph is captured
+    # An explicit choice is never changed, only checked.
+    assert resolve_step_options(TrainConfig(cuda_graph=False), torch.device(device), precision).cuda_graph is False
+
+
+def test_an_unsettled_auto_is_refused_where_a_bool_is_needed():
+    with pytest.raises(ValueError, match="resolve_step_options"):
+        capture_stream(TrainConfig(cuda_graph="auto"), CPU)
+
+
+def test_cuda_graph_auto_trains_eagerly_on_cpu(tmp_path: Path):
+    # The same run as cuda_graph=false, bit for bit; the saved config keeps "auto" as given,
+    # so the run resumes as well on a GPU; the log says what this device did.
+    auto = train_in_process(tmp_path / "auto", **{"train.cuda_graph": "auto"})
+    eager = train_in_process(tmp_path / "eager", **{"train.cuda_graph": "false"})
+    assert auto["replica_digests"] == eager["replica_digests"]
+    assert '"cuda_graph": "auto"' in (tmp_path / "auto" / "config.json").read_text()
+    assert "- cuda graph: False" in (tmp_path / "auto" / "training_log.md").read_text()
