@@ -72,8 +72,8 @@ speed+=(${SPEED_ARGS:-})
 # Eager at batch 128 is launch-bound (11,600 images/s on the H200): only the captured step
 # is timed there.
 timeout 100 python3 benchmarks/model_speed.py "${speed[@]}" > "$LOGS/speed_eager.log" 2>&1
-speed+=(--recipe sep_resnet10_b128=configs/sep_resnet10.yaml:train.batch_size=128)
 echo "speed, eager: exit $? | $(tail -n 1 "$LOGS/speed_eager.log")" | tee -a "$LOGS/summary.txt"
+speed+=(--recipe sep_resnet10_b128=configs/sep_resnet10.yaml:train.batch_size=128)
 captured_step=""
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   timeout 120 python3 benchmarks/model_speed.py "${speed[@]}" --set train.cuda_graph=true > "$LOGS/speed_graph.log" 2>&1

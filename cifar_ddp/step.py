@@ -51,24 +51,19 @@ def resolve_step_options(cfg: TrainConfig, device: torch.device, precision: str)
     does it again): the rest of the code sees only true or false."""
     if cfg.cuda_graph == "auto":
         cfg = dataclasses.replace(cfg, cuda_graph=device.type == "cuda" and precision != "fp16")
-    check_step_options(cfg, device, precision)
-    return cfg
-
-
-def check_step_options(cfg: TrainConfig, device: torch.device, precision: str) -> None:
-    if cfg.cuda_graph == "auto":
-        raise ValueError("train.cuda_graph=auto must go through resolve_step_options first")
     if cfg.cuda_graph and device.type != "cuda":
         raise UserError("train.cuda_graph=true needs a CUDA GPU; on CPU leave it false (train.compile=true works there)")
     if cfg.cuda_graph and precision == "fp16":
         raise UserError("train.cuda_graph=true does not work with fp16's GradScaler; use train.precision=bf16 "
                         "or fp32, or train.cuda_graph=false")
+    return cfg
 
 
 def capture_stream(cfg: TrainConfig, device: torch.device):
     """The side stream DDP must be built on, and warm up on, when the step is captured
     (`cfg` as resolve_step_options returns it)."""
-    check_step_options(cfg, device, "fp32")   # only refuses an unresolved "auto" here
+    if cfg.cuda_graph == "auto":   # truthy, but not a decision
+        raise ValueError("train.cuda_graph=auto must go through resolve_step_options first")
     if cfg.cuda_graph and device.type == "cuda":
         return torch.cuda.Stream(device)
     return None
@@ -241,5 +236,4 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["TrainStep", "GRAPH_WARMUP_STEPS", "autocast", "capture_stream", "check_step_options",
-           "resolve_step_options"]
+__all__ = ["TrainStep", "GRAPH_WARMUP_STEPS", "autocast", "capture_stream", "resolve_step_options"]
