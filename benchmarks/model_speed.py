@@ -34,6 +34,7 @@ from throughput import measure_cifar_ddp  # noqa: E402
 from cifar_ddp.config import load_config  # noqa: E402
 from cifar_ddp.engine import resolve_precision  # noqa: E402
 from cifar_ddp.errors import UserError  # noqa: E402
+from cifar_ddp.models import build_model  # noqa: E402
 from cifar_ddp.step import resolve_step_options  # noqa: E402
 
 DEFAULT_RECIPES = ["seed=configs/fast85.yaml", "sep_resnet=configs/sep_resnet10.yaml"]
@@ -68,6 +69,7 @@ def recipe_args(args: argparse.Namespace, config: Path, overrides: list, device:
         # What the trainer would refuse on this device (a CUDA-graph recipe on a CPU) is
         # refused here too, before any recipe is timed.
         resolve_step_options(cfg.train, device, resolve_precision(cfg.train.precision, device))
+        build_model(cfg)   # a model that cannot be built (a bad name, widths, args) likewise
     except UserError as error:   # ConfigError included
         fail(f"--recipe with {config.name}: {error} (for every recipe: --set KEY=VALUE)")
     batch = args.batch_size or cfg.train.batch_size

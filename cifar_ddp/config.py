@@ -71,25 +71,41 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["seed", "sep_resnet"] = "seed"
-    # Channel widths; empty means the model's own (seed: narrow, middle, wide = 16, 32, 64;
-    # sep_resnet: C1..C4 = 48, 96, 128, 192).
+    # A registered name (cifar_ddp.models.registered_names()) or a reference to the user's
+    # own network: path/to/file.py:ClassName or package.module:ClassName.
+    name: str = "seed"
+    # Keyword arguments for the network's constructor (or builder function).
+    args: Dict[str, Any] = field(default_factory=dict)
+    # The built-in models' settings; each goes to the builder argument of the same name,
+    # for any network that has one. Channel widths: empty means the model's own defaults.
     widths: List[int] = field(default_factory=list)
     dropout: float = 0.05
     num_classes: int = 10
-    # sep_resnet only: start every residual unit as the identity (its last BN's gain at 0,
-    # as torchvision's ResNet `zero_init_residual`), so the deep net starts as a shallow one.
+    # Models with residual units only: start every residual unit as the identity (its last
+    # BN's gain at 0, as torchvision's ResNet `zero_init_residual`).
     zero_init_residual: bool = False
 
 
-# The models whose blocks have identity shortcuts (model.zero_init_residual applies).
-RESIDUAL_MODELS = ("sep_resnet",)
-
-# How many channel widths each model takes, what they are, and its defaults.
-WIDTHS_PER_MODEL = {
-    "seed": (3, "narrow, middle, wide", [16, 32, 64]),
-    "sep_resnet": (4, "C1, C2, C3, C4", [48, 96, 128, 192]),
-}
+@dataclass
+class RulesConfig:
+    """Design rules the network must keep (cifar_ddp/rules.py checks them). Empty = no rule."""
+    # Most parameters allowed (0 = no limit).
+    max_params: int = 0
+    # Smallest receptive field allowed, in input pixels (0 = no limit).
+    min_receptive_field: int = 0
+    # Module types that must not appear, by class name (e.g. [MaxPool2d]); the functional
+    # form (F.max_pool2d) counts too.
+    forbid: List[str] = field(default_factory=list)
+    # Top-level child modules that must exist, in this order (e.g. [c1, c2, c3, c4, output]).
+    blocks: List[str] = field(default_factory=list)
+    # Blocks holding a depthwise conv (groups == in_channels > 1) followed by a 1x1 conv.
+    depthwise_separable_in: List[str] = field(default_factory=list)
+    # Blocks holding a conv with dilation > 1; [all] = every block of `blocks` but the last (the head).
+    dilated_in: List[str] = field(default_factory=list)
+    # The head averages the whole feature map (global average pooling), no flatten of a map.
+    global_average_pooling: bool = False
+    # false: a broken rule is a warning, and training goes on.
+    enforce: bool = True
 
 
 @dataclass
@@ -158,6 +174,9 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # A mapping, or in a YAML file the path of a YAML file holding one (relative to the
+    # config file), e.g. `rules: rules/seed.yaml`.
+    rules: RulesConfig = field(default_factory=RulesConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,12 +192,21 @@ def _type_name(tp: Any) -> str:
     if origin in (list, List):
         (inner,) = typing.get_args(tp)
         return f"list of {_type_name(inner)}"
+    if origin in (dict, Dict):
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (dict, Dict):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key '{key}' is {value!r}; expected a mapping of names to values, "
+                              f"e.g. {key}: {{width: 24}} (or {key}.width=24 on the command line)")
+        return copy.deepcopy(value)
     if origin is Literal:
         allowed = typing.get_args(tp)
         # Same type too: 1 == True, but `1` is not a valid value for a true/false/"auto" key.
@@ -187,6 +215,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}' is {value!r}; expected {_type_name(tp)}")
     if origin in (list, List):
         (inner,) = typing.get_args(tp)
+        if inner is str and isinstance(value, str):
+            value = [value]   # `forbid: MaxPool2d` means the list of that one name
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' is {value!r}; expected {_type_name(tp)}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -277,15 +307,38 @@ def load_config(path: str | Path | None = None, overrides: List[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
         tree = loaded or {}
+        _include_rules(tree, path.parent)
     return config_from_dict(tree, overrides)
+
+
+def _include_rules(tree: Dict[str, Any], base: Path) -> None:
+    """`rules: rules/seed.yaml` stands for the mapping in that file (relative to `base`,
+    the folder of the config that names it), so that one file states a set of rules and
+    every config that keeps them names it."""
+    name = tree.get("rules")
+    if not isinstance(name, str):
+        return
+    path = Path(name) if Path(name).is_absolute() else base / name
+    if not path.is_file():
+        raise ConfigError(f"rules file '{name}' does not exist (looked for {path}); give a YAML file of "
+                          "rules (e.g. configs/rules/seed.yaml) or a mapping under rules:")
+    try:
+        rules = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"rules file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if rules is not None and not isinstance(rules, dict):
+        raise ConfigError(f"rules file '{path}' must hold a mapping of rules, e.g. max_params: 150576")
+    tree["rules"] = rules or {}
 
 
 def config_from_dict(tree: Dict[str, Any], overrides: List[str] | None = None) -> Config:
     """Build a Config from a nested dict (e.g. `Config.to_dict` saved in a checkpoint)."""
     tree = copy.deepcopy(tree)
+    _include_rules(tree, Path.cwd())
     for text in overrides or []:
         keys, value = _parse_override(text)
         _set_dotted(tree, keys, value)
+        _include_rules(tree, Path.cwd())   # rules=PATH on the command line
     cfg = _build(Config, tree)
     validate(cfg)
     return cfg
@@ -324,16 +377,20 @@ def validate(cfg: Config) -> None:
     _require(0 <= a.crop_padding <= 16, f"augment.crop_padding is {a.crop_padding}; it is in pixels, within [0, 16]")
     _require(1 <= a.cutout_size <= 32, f"augment.cutout_size is {a.cutout_size}; it must fit a 32x32 image (1..32)")
     _require(0 <= a.plain_last_epochs <= t.epochs, "augment.plain_last_epochs must be within [0, train.epochs]")
-    count, meaning, example = WIDTHS_PER_MODEL[m.name]
-    _require(not m.widths or (len(m.widths) == count and all(w >= 1 for w in m.widths)),
-             f"model.widths is {m.widths}; {m.name} takes {count} positive channel counts ({meaning}), "
-             f"e.g. {example}, or model.widths=[] for those")
+    # What a model's widths and arguments may be is the model's business (models.build_model).
+    _require(bool(m.name), "model.name is empty; name a registered model (e.g. seed) or path/to/file.py:ClassName")
     _require(0 <= m.dropout < 1, f"model.dropout is {m.dropout}; it must be in [0, 1)")
-    _require(not m.zero_init_residual or m.name in RESIDUAL_MODELS,
-             f"model.zero_init_residual=true needs a model with residual units ({', '.join(RESIDUAL_MODELS)}); "
-             f"{m.name} has none: drop the setting")
     _require(m.num_classes >= 2, "model.num_classes must be at least 2")
     _require(d.fake_size >= 1, "data.fake_size must be at least 1")
     _require(d.val_size >= 0, "data.val_size must be >= 0")
     _require(d.num_workers >= 0, "data.num_workers must be >= 0")
     _require(bool(cfg.out_dir), "out_dir must not be empty")
+    r = cfg.rules
+    _require(r.max_params >= 0, "rules.max_params must be >= 0 (0 = no limit)")
+    _require(r.min_receptive_field >= 0, "rules.min_receptive_field must be >= 0 (0 = no limit)")
+    _require("all" not in r.dilated_in or (r.dilated_in == ["all"] and len(r.blocks) >= 2),
+             "rules.dilated_in: [all] stands alone and needs rules.blocks (every block but the last, the head)")
+    for key in ("depthwise_separable_in", "dilated_in"):
+        outside = [b for b in getattr(r, key) if b != "all" and r.blocks and b not in r.blocks]
+        _require(not outside, f"rules.{key} names '{outside[0] if outside else ''}', which is not in rules.blocks "
+                              f"{r.blocks}")

@@ -11,3 +11,9 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config key is unknown, mistyped or holds an impossible value."""
+
+
+def one_line(exc: BaseException) -> str:
+    """`TypeName: first line of the message`, for errors raised by a user's own code."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

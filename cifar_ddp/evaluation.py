@@ -17,7 +17,7 @@ from .distributed import DistContext
 from . import report
 from .engine import evaluate, resolve_precision
 from .inference import NormalizedModel, checkpoint_weights, uint8_to_input
-from .models import CAM_LAYERS, find_layer
+from .models import cam_layer_name, find_layer
 from .trainer import build_training_model, class_names
 
 
@@ -29,10 +29,13 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
     # Normalization uses the training statistics stored with the checkpoint, so a
     # folder holding only test/ is enough.
     stats = ChannelStats(**{k: tuple(v) for k, v in payload["stats"].items()})
-    data = load_dataset(cfg.data, seed=cfg.seed, with_train=False, stats=stats, classes=class_names(cfg))
+    # The model before the data: a model that cannot be built stops before the data loads.
     model = build_training_model(cfg, ctx)
     ckpt.check_architecture(payload, model.state_dict(), source,
                             advice="(drop the model.* overrides), or pass a checkpoint of this architecture")
+    cam_layer = cam_layer or cam_layer_name(cfg.model, model)
+    layer = find_layer(model, cam_layer) if report_dir is not None else None
+    data = load_dataset(cfg.data, seed=cfg.seed, with_train=False, stats=stats, classes=class_names(cfg))
     state, uses_ema = checkpoint_weights(payload)   # the weights the run itself evaluated
     model.load_state_dict(state)
     precision = resolve_precision(cfg.train.precision, ctx.device)
@@ -41,12 +44,11 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
                       channels_last=cfg.train.channels_last, keep_mistakes=gallery if report_dir else 0)
     numbers = report.summary(result, data.classes)
     if report_dir is not None and ctx.is_main:
-        layer = find_layer(model, cam_layer or CAM_LAYERS[cfg.model.name])
         viewer = NormalizedModel(model, stats.mean, stats.std).to(ctx.device).eval()
         header = {"checkpoint": source, "epoch": payload["train_state"]["epoch"],
                   "weights": "EMA" if uses_ema else "raw", "test images": result.total,
                   "accuracy": f"{result.accuracy:.2%}" + (" (flip TTA)" if tta_flip else ""),
-                  "loss": f"{result.loss:.4f}", "Grad-CAM layer": cam_layer or CAM_LAYERS[cfg.model.name]}
+                  "loss": f"{result.loss:.4f}", "Grad-CAM layer": cam_layer}
         report.write_report(report_dir, result, header, data.classes, data.test.images, viewer.float(), layer,
                             ctx.device, correct_indices=_first_correct(viewer, data.test, ctx.device))
     return {

@@ -18,7 +18,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import config_from_dict
 from .errors import UserError
-from .models import build_model
+from .models import build_model, require_named
 
 IMAGE_SIZE = 32
 
@@ -56,9 +56,15 @@ class TrainedModel:
     payload: Dict[str, Any]     # the whole checkpoint (config, data statistics, ...)
 
 
-def load_for_inference(path: str | Path, ema: Optional[bool] = None) -> TrainedModel:
+def load_for_inference(path: str | Path, ema: Optional[bool] = None, overrides: Sequence[str] = (),
+                       trust_model_code: bool = False) -> TrainedModel:
+    """The checkpoint's model, ready to run. A user's own network (a model reference in
+    the checkpoint) is imported only when `overrides` name it (model.name=REF) or with
+    `trust_model_code`: importing a module runs its code."""
     payload = ckpt.load_file(path)
-    model = build_model(config_from_dict(payload["config"]))
+    cfg = config_from_dict(payload["config"], list(overrides))
+    require_named(cfg.model.name, overrides, trust_model_code, f"checkpoint '{path}'")
+    model = build_model(cfg)
     state, used_ema = checkpoint_weights(payload, ema)
     model.load_state_dict(state)
     stats = payload["stats"]

@@ -109,14 +109,18 @@ def run_training(config_path: Optional[str], overrides: List[str]) -> int:
 
 
 def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tta_flip: bool,
-                   report_dir: Optional[str] = None, gallery: int = 25, cam_layer: str = "") -> int:
+                   report_dir: Optional[str] = None, gallery: int = 25, cam_layer: str = "",
+                   trust_model_code: bool = False) -> int:
     from .checkpoint import load_file
     from .evaluation import evaluate_checkpoint, format_report
     from .files import check_writable_folder
+    from .models import require_named
 
     def prepare() -> Tuple[Config, object]:
         payload = load_file(checkpoint_path)
-        return config_from_dict(payload["config"], overrides), payload
+        cfg = config_from_dict(payload["config"], overrides)
+        require_named(cfg.model.name, overrides, trust_model_code, f"checkpoint '{checkpoint_path}'")
+        return cfg, payload
 
     def work(cfg: Config, payload: object, ctx: DistContext) -> None:
         if report_dir:

@@ -42,10 +42,10 @@ def lr_range_test(cfg: Config, ctx: DistContext, steps: int = 200, start: float 
                   smoothing: float = 0.98, diverge_factor: float = 4.0) -> LRFindResult:
     seed_everything(cfg.seed + ctx.rank)
     train = dataclasses.replace(cfg.train, cuda_graph=False, compile=False)
+    model = build_training_model(cfg, ctx)   # before the data: a bad model stops at once
     data = load_dataset(cfg.data, seed=cfg.seed, classes=class_names(cfg))
     batches = TrainBatches(data.train, cfg.augment, data.stats, train.batch_size, ctx.rank, ctx.world_size,
                            cfg.seed, ctx.device, channels_last=train.channels_last)
-    model = build_training_model(cfg, ctx)
     optimizer = build_optimizer(model, train, start)
     precision = resolve_precision(train.precision, ctx.device)
     step = TrainStep(wrap_ddp(model, ctx), optimizer, train, precision, ctx.device, 0, bare_model=model)

@@ -117,7 +117,7 @@ def _spatial_size(node: torch.fx.Node) -> Optional[Tuple[int, int]]:
     return (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) == 4 else None
 
 
-def _trace_graph(model: nn.Module, input_size: Sequence[int]) -> torch.fx.GraphModule:
+def trace_graph(model: nn.Module, input_size: Sequence[int]) -> torch.fx.GraphModule:
     try:
         graph = _LeafModuleTracer().trace(model)
     except Exception as exc:  # fx raises many types; each means "not a static graph"
@@ -149,7 +149,7 @@ def receptive_field(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -
             raise ReceptiveFieldError(f"{layer.label} is the same module as {label_of[id(layer.module)].label}, "
                                       "called twice; the receptive field of a reused layer is not computed")
         label_of[id(layer.module)] = layer
-    traced = _trace_graph(model, input_size)
+    traced = trace_graph(model, input_size)
     modules = dict(traced.named_modules())
 
     paths: Dict[torch.fx.Node, Paths] = {}     # spatial nodes only

@@ -1,7 +1,12 @@
 """Layer table of a model, in the layout of the seed's torchsummary table, plus
-receptive-field and multiply-accumulate columns.
+receptive-field and multiply-accumulate columns, then one line per design rule of the
+config (rules:), each with the measured value and the limit.
 
     python -m cifar_ddp.summary --config configs/seed.yaml
+    python -m cifar_ddp.summary --config configs/seed.yaml model.name=nets/tiny.py:TinyNet
+
+Exit status: 0 when every rule holds (or none is set), 2 when one is broken or the
+config or model cannot be built - usable as a check in a student's CI.
 """
 
 from __future__ import annotations
@@ -85,17 +90,22 @@ def format_summary(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) ->
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. model.dropout=0.1")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. model.dropout=0.1 or "
+                                                     "model.name=path/to/file.py:ClassName model.args.width=24")
+    args = parser.parse_intermixed_args(argv)
     from .models import build_model
+    from .rules import check_rules, format_results
 
     try:
         cfg = load_config(args.config, args.overrides)
-        print(format_summary(build_model(cfg)))
+        model = build_model(cfg)
+        print(format_summary(model))
+        results = check_rules(model, cfg.rules)
+        print(format_results(results))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if all(r.ok for r in results) else 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import report
+from . import report, rules
 from .config import CIFAR10_CLASSES, Config
 from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_shard
 from .data.sources import DatasetArrays, load_dataset
@@ -142,6 +142,11 @@ class Trainer:
         if ctx.device.type == "cuda":
             # Fixed input shapes: let cuDNN pick the fastest kernels once.
             torch.backends.cudnn.benchmark = True
+        # The network first, with its design rules checked: a mistake in either stops in
+        # seconds, before the data loads. (Loading draws nothing from torch's generator, so
+        # the initial weights are the same as when the model was built after the data.)
+        self.model = model = build_training_model(cfg, ctx)
+        rules.enforce(rules.check_rules(model, cfg.rules), cfg.rules, warn=ctx.is_main)
 
         self.data = data = load_data(cfg, ctx)
         assert data.train is not None
@@ -156,7 +161,6 @@ class Trainer:
             )
         self.test_shard = eval_shard(data.test, ctx.rank, ctx.world_size)
 
-        self.model = model = build_training_model(cfg, ctx)
         self.ema = _make_ema(model, t.ema_decay)
         self.global_batch = t.batch_size * ctx.world_size
         self.peak = peak_lr(t, self.global_batch)

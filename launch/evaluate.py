@@ -30,12 +30,16 @@ def main() -> int:
                         "mistakes and their Grad-CAM")
     parser.add_argument("--gallery", type=int, default=25, help="mistakes shown in the report (default %(default)s)")
     parser.add_argument("--cam-layer", default="", help="the layer Grad-CAM looks at, a dotted module path "
-                        "(default: the model's last spatial block, c4)")
+                        "(default: the model's own choice, c4 for the built-in ones, else its last module with a spatial "
+                        "output)")
+    parser.add_argument("--trust-model-code", action="store_true",
+                        help="import the user's own network the checkpoint names (model.name=path.py:Class) "
+                             "without naming it again; importing runs that file's code")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     # Flags may stand anywhere among the key=value overrides.
     args = parser.parse_intermixed_args()
     return run_evaluation(args.checkpoint, args.overrides, args.json, args.tta, args.report, args.gallery,
-                          args.cam_layer)
+                          args.cam_layer, args.trust_model_code)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,17 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=export.DEFAULT_TOLERANCE,
                         help="largest |logit difference| allowed (default %(default)s, fp32)")
     parser.add_argument("--parity-images", type=int, default=256, help="test images checked (default %(default)s)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides for the data")
+    parser.add_argument("--trust-model-code", action="store_true",
+                        help="import the user's own network the checkpoint names (model.name=path.py:Class) "
+                             "without naming it again; importing runs that file's code")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides for the data, or model.name=REF to name the checkpoint's "
+                             "own network")
     args = parser.parse_intermixed_args()
 
     def work() -> int:
-        trained = load_for_inference(args.checkpoint, ema=True if args.ema else False if args.raw else None)
+        trained = load_for_inference(args.checkpoint, ema=True if args.ema else False if args.raw else None,
+                                     overrides=args.overrides, trust_model_code=args.trust_model_code)
         cfg = config_from_dict(trained.payload["config"], args.overrides)
         stats = ChannelStats(**{k: tuple(v) for k, v in trained.payload["stats"].items()})
         test = load_dataset(cfg.data, seed=cfg.seed, with_train=False, stats=stats, classes=trained.classes).test

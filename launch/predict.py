@@ -30,15 +30,23 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="a checkpoint (.pt), .onnx or .ts file")
-    parser.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files")
+    parser.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files (and, for a checkpoint of a user's "
+                                                              "own network, model.name=REF naming it)")
+    parser.add_argument("--trust-model-code", action="store_true",
+                        help="import the user's own network a checkpoint names without naming it again "
+                             "(model.name=REF); importing runs that file's code")
     parser.add_argument("--top", type=int, default=1, help="how many classes to list per image (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
     args = parser.parse_intermixed_args()
 
+    # model.name=REF among the arguments names a checkpoint's own network (not an image).
+    overrides = [str(p) for p in args.images if str(p).startswith("model.name=")]
+    args.images = [p for p in args.images if str(p) not in overrides]
+
     def work() -> int:
         images = read_images(args.images)
         if args.model.suffix == ".pt":
-            trained = load_for_inference(args.model)
+            trained = load_for_inference(args.model, overrides=overrides, trust_model_code=args.trust_model_code)
             with torch.no_grad():
                 logits = trained.model(images).numpy()
             classes = trained.classes

@@ -60,7 +60,6 @@ def test_wrong_types_name_key_and_type(override, fragment):
     ("augment.cutout_p=1.5", "augment.cutout_p"),
     ("augment.crop_p=-0.1", "augment.crop_p"),
     ("augment.crop_padding=40", "augment.crop_padding"),
-    ("model.widths=[16,32]", "model.widths"),
     ("train.warmup_frac=1", "train.warmup_frac"),      # lr_at would divide by zero
     ("train.label_smoothing=1", "train.label_smoothing"),
     ("train.ema_decay=1", "train.ema_decay"),

@@ -70,9 +70,19 @@ def test_widths_and_dropout_come_from_config():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_unknown_model_name_is_a_config_error():
-    with pytest.raises(ConfigError, match="model.name"):
-        load_config(None, ["model.name=resnet"])
+@pytest.mark.parametrize("override, fragment", [
+    ("model.name=resnet", "unknown model.name 'resnet'; registered: seed, sep_resnet"),
+    ("model.widths=[16,32]", "model.widths is [16, 32]; seed takes 3 positive channel counts (narrow, middle, "
+                             "wide), e.g. [16, 32, 64]"),
+    ("model.widths=[16,0,64]", "model.widths is [16, 0, 64]"),
+])
+def test_model_settings_the_model_cannot_take_are_config_errors(override, fragment):
+    # The registry decides what a model takes (config.py names no model): the error comes
+    # when the model is built, which the trainer does before it loads any data.
+    cfg = load_config(None, [override])
+    with pytest.raises(ConfigError) as err:
+        build_model(cfg)
+    assert fragment in str(err.value)
 
 
 def test_summary_command_prints_table_rf_and_totals():
@@ -134,5 +144,5 @@ def test_zero_init_residual_starts_every_unit_as_the_identity():
         wide = [u for u in units if u.depthwise.in_channels == 96]
         identity = torch.equal(wide[0](x), torch.relu(x))
         assert identity == flag, f"zero_init_residual={flag}: unit is identity: {identity}"
-    with pytest.raises(ConfigError, match="zero_init_residual.*seed has none"):
-        load_config(None, ["model.zero_init_residual=true"])
+    with pytest.raises(ConfigError, match="zero_init_residual.*sep_resnet.*seed has none"):
+        build_model(load_config(None, ["model.zero_init_residual=true"]))

@@ -14,8 +14,11 @@ import torch
 from torch import nn
 
 from .blocks import ConvUnit, DepthwiseSeparableUnit, DilatedConvUnit, TransitionUnit
+from .registry import register_model
 
 
+# Grad-CAM looks at C4, the last block with a spatial map (2x2).
+@register_model("seed", cam_layer="c4", widths_meaning="narrow, middle, wide")
 class SeedNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (16, 32, 64), dropout: float = 0.05,
                  num_classes: int = 10) -> None:

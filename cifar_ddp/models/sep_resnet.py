@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .blocks import DepthwiseConv2d
+from .registry import register_model
 
 
 class SeparableResidualUnit(nn.Module):
@@ -62,6 +63,8 @@ class SeparableDownUnit(nn.Sequential):
         )
 
 
+# Grad-CAM looks at C4, the last block with a spatial map (4x4).
+@register_model("sep_resnet", cam_layer="c4", widths_meaning="C1, C2, C3, C4")
 class SepResNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (48, 96, 128, 192), dropout: float = 0.0,
                  num_classes: int = 10, zero_init_residual: bool = False) -> None:
