@@ -19,7 +19,7 @@ def separable(cin, cout, stride=1, dilation=1):
 
 
 class TinyNet(nn.Module):
-    def __init__(self, width: int = 32, num_classes: int = 10):
+    def __init__(self, width: int = 40, num_classes: int = 10):
         super().__init__()
         w = width
         self.c1 = nn.Sequential(unit(3, w), separable(w, 2 * w, dilation=2), separable(2 * w, 2 * w, stride=2))
