@@ -93,6 +93,10 @@ def class_names(cfg: Config):
 
 def build_training_model(cfg: Config, ctx: DistContext) -> nn.Module:
     model = build_model(cfg)
+    if cfg.train.sync_bn and ctx.is_distributed and ctx.device.type != "cuda":
+        # torch's SyncBatchNorm has CUDA kernels only: DDP would refuse it with a traceback.
+        raise UserError("train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernels); "
+                        "leave it off on a CPU: train.sync_bn=false")
     if cfg.train.sync_bn and ctx.is_distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)

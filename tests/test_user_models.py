@@ -106,6 +106,10 @@ def test_a_network_from_a_file_trains_and_its_checkpoint_names_the_reference(tmp
     assert all(isinstance(v, torch.Tensor) for v in payload["model"].values())
     model = resolve(EXAMPLE).builder(width=8)
     model.load_state_dict(payload["model"])
+    # And it resumes: one more epoch from the file, its steps counted on.
+    again = train_in_process(tmp_path / "run", **{"model.name": EXAMPLE, "model.args.width": 8, "train.epochs": 2,
+                                                  "train.resume": "latest"})
+    assert (again["epochs"], again["global_step"]) == (2, 12)
 
 
 def test_a_network_from_a_package_on_the_path_trains(tmp_path: Path, monkeypatch):
@@ -133,10 +137,15 @@ def test_a_network_from_a_package_on_the_path_trains(tmp_path: Path, monkeypatch
 
 
 @pytest.mark.slow
-def test_a_network_from_a_file_trains_under_torchrun_with_sync_bn(tmp_path: Path):
+def test_a_network_from_a_file_trains_under_torchrun(tmp_path: Path):
     out = tmp_path / "run"
-    done = run_job(torchrun(2, tiny_overrides(out, **{"model.name": EXAMPLE, "model.args.width": 8,
-                                                       "train.sync_bn": "true", "train.epochs": 1})))
+    user = {"model.name": EXAMPLE, "model.args.width": 8, "train.epochs": 1}
+    # SyncBN has CUDA kernels only: on a CPU each rank says so in one line, before any data.
+    refused = run_job(torchrun(2, tiny_overrides(out, **user, **{"train.sync_bn": "true"})))
+    # (torchrun's agent reports a failed worker with a traceback of its own; the workers print none.)
+    assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr and "ValueError" not in refused.stderr
+    assert refused.stderr.count("train.sync_bn=true needs CUDA GPUs") == 2, refused.stderr
+    done = run_job(torchrun(2, tiny_overrides(out, **user)))
     assert done.returncode == 0, done.stderr
     final = [line for line in done.stdout.splitlines() if line.startswith("final: ")]
     assert len(final) == 1 and '"world_size": 2' in final[0]
