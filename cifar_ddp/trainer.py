@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -28,7 +29,7 @@ from .engine import EvalResult, NonFiniteLoss, SyncPlan, TrainState, evaluate, r
 from .errors import UserError
 from .files import check_writable_folder
 from .loggers import SilentLogger, make_logger
-from .models import build_model
+from .models import build_model, plain_dilated_depthwise
 from .optim import build_optimizer, lr_at, peak_lr
 from .step import TrainStep, capture_stream, resolve_step_options
 
@@ -151,6 +152,13 @@ class Trainer:
         # the initial weights are the same as when the model was built after the data.)
         self.model = model = build_training_model(cfg, ctx)
         rules.enforce(rules.check_rules(model, cfg.rules), cfg.rules, warn=ctx.is_main)
+        slow = plain_dilated_depthwise(model) if ctx.device.type == "cpu" else []
+        if slow and ctx.is_main:
+            warnings.warn(f"{slow[0]}{f' (and {len(slow) - 1} more)' if len(slow) > 1 else ''} is a dilated "
+                          "depthwise nn.Conv2d: on a CPU torch runs it 4-20x slower than an undilated one"
+                          + (", and its bf16 kernel gives non-finite values at random with several threads"
+                             if self.precision == "bf16" else "")
+                          + "; build it with cifar_ddp.models.blocks.DepthwiseConv2d (same weights)", stacklevel=2)
 
         self.data = data = load_data(cfg, ctx)
         assert data.train is not None

@@ -429,3 +429,31 @@ def test_a_config_dict_may_name_a_rules_file_and_override_one_rule(monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = config_from_dict({"rules": "configs/rules/seed.yaml"}, ["rules.max_params=5"])
     assert (cfg.rules.max_params, cfg.rules.min_receptive_field, cfg.rules.forbid) == (5, 91, ["MaxPool2d"])
+
+
+def test_a_plain_dilated_depthwise_conv_is_named_with_the_block_that_replaces_it(tmp_path: Path):
+    from cifar_ddp.models import plain_dilated_depthwise
+
+    m = example_module()
+    assert plain_dilated_depthwise(m.TinyNet()) == []          # built with DepthwiseConv2d
+    net = m.TinyNet(width=8)
+    net.c2[0][0] = nn.Sequential(nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16, bias=False),
+                                 nn.BatchNorm2d(16), nn.ReLU())
+    net.c3[0][0][0] = nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False)   # undilated: fine
+    assert plain_dilated_depthwise(net) == ["c2.0.0.0"]
+    (tmp_path / "plain.py").write_text(textwrap.dedent(f"""
+        import sys
+        from torch import nn
+        sys.path.insert(0, {str(REPO / 'examples')!r})
+        from tiny_net import TinyNet
+
+        class Plain(TinyNet):
+            def __init__(self, num_classes=10):
+                super().__init__(width=8, num_classes=num_classes)
+                self.c2[0][0] = nn.Sequential(nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16, bias=False),
+                                              nn.BatchNorm2d(16), nn.ReLU())
+    """))
+    with pytest.warns(UserWarning, match="c2.0.0.0 is a dilated depthwise nn.Conv2d: on a CPU torch runs it "
+                                         "4-20x slower.*; build it with cifar_ddp.models.blocks.DepthwiseConv2d"):
+        train_in_process(tmp_path / "run", **{"model.name": f"{tmp_path}/plain.py:Plain", "train.epochs": 1,
+                                              "train.precision": "fp32"})

@@ -5,7 +5,7 @@ reference (`model.name: nets/tiny.py:TinyNet`, models/references.py); one regist
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Union
+from typing import Any, Dict, List, Union
 
 import torch
 from torch import nn
@@ -115,6 +115,15 @@ def check_forward(model: nn.Module, name: str, num_classes: int) -> None:
                           f"shape [N, num_classes] = [1, {num_classes}] (model.num_classes={num_classes})")
 
 
+def plain_dilated_depthwise(model: nn.Module) -> List[str]:
+    """Dilated depthwise convs built as a plain nn.Conv2d. On a CPU torch runs them 4-20x
+    slower than undilated ones, and its bf16 kernel for them gave non-finite values at
+    random with two threads (tests/test_user_models.py); blocks.DepthwiseConv2d is the
+    same module with the same weights, without either problem."""
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels and max(m.dilation) > 1]
+
+
 def cam_layer_name(model_cfg: ModelConfig, model: nn.Module) -> str:
     """Where Grad-CAM looks: the registered model's own choice, else the last module whose
     output is still a spatial map (for the seed and SepResNet both give c4)."""
@@ -149,5 +158,5 @@ def last_spatial_module(model: nn.Module) -> str:
 
 
 
-__all__ = ["build_model", "builder_arguments", "cam_layer_name", "check_forward", "find_layer", "is_reference",
+__all__ = ["build_model", "builder_arguments", "cam_layer_name", "check_forward", "find_layer", "is_reference", "plain_dilated_depthwise",
            "register_model", "registered_names", "require_named", "resolve", "SeedNet", "SepResNet"]
