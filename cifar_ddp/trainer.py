@@ -167,6 +167,9 @@ class Trainer:
 
         if resume_from is not None:
             _resume(resume_from, ctx, model, self.ema, self.optimizer, self.scaler, self.state, batches)
+        # Saves are numbered in the order written, on from the folder's and the resumed file's.
+        self.save_number = max(ckpt.next_save_number(ckpt.checkpoint_dir(self.out_dir)),
+                               int(resume_from[1].get("save_number", 0)) + 1 if resume_from else 1)
         # Stats and classes travel with every checkpoint so evaluation needs no training data.
         self.static = {"stats": asdict(data.stats), "classes": list(data.classes)}
 
@@ -234,13 +237,15 @@ class Trainer:
             directory = ckpt.checkpoint_dir(self.out_dir)
             try:
                 self.last_saved[:] = [ckpt.save(directory, payload, self.state.global_step,
-                                                self.t.keep_checkpoints, is_best)]
+                                                self.t.keep_checkpoints, is_best, self.save_number)]
             except OSError as exc:
                 # The write goes to a temporary file first: the previous checkpoint is intact.
                 previous = self.last_saved[0] if self.last_saved else "none"
+                size = len(ckpt.encode(payload)) / 2**20
                 raise UserError(f"cannot write a checkpoint in '{directory}' ({exc.strerror}); free space there "
-                                f"(a checkpoint is about {len(ckpt.encode(payload)) // 2**20 + 1} MB) and continue "
+                                f"(each checkpoint file takes {size:.1f} MB) and continue "
                                 f"with --resume; the previous checkpoint is intact: {previous}") from None
+        self.save_number += 1
         ctx.barrier()
 
     def _on_sync(self, st: TrainState, read: Dict[str, float]) -> bool:

@@ -54,7 +54,7 @@ def test_signal_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path: Pat
     process = subprocess.Popen(train_cmd(*tiny_overrides(out, **settings)), cwd=REPO, env=job_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(ckpt.checkpoint_dir(out) / "step-00000008.pt", process)
+        wait_for(ckpt.checkpoint_dir(out) / ckpt.step_file_name(1, 8), process)
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=JOB_TIMEOUT_S)
     finally:
@@ -99,9 +99,9 @@ def test_save_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_path: Pat
 
 @pytest.mark.parametrize("damaged, expected", [
     # The newest step file is truncated but last.pt holds the same step intact: use it.
-    (["step-00000012.pt"], ("last.pt", 12)),
+    (["save-000002-step-00000012.pt"], ("last.pt", 12)),
     # Everything at step 12 is damaged (best.pt too, whichever step it holds): step 6 is left.
-    (["step-00000012.pt", "last.pt", "best.pt"], ("step-00000006.pt", 6)),
+    (["save-000002-step-00000012.pt", "last.pt", "best.pt"], ("save-000001-step-00000006.pt", 6)),
 ])
 def test_resume_takes_the_newest_intact_checkpoint_with_warning(tmp_path: Path, damaged, expected):
     out = tmp_path / "run"
@@ -248,6 +248,9 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous_chec
     with pytest.raises(UserError, match=r"cannot write a checkpoint in .*No space left on device.*free space") as info:
         train_in_process(out, **{"train.epochs": 2})
     assert "step-00000006.pt" in str(info.value)
+    # The real size of a checkpoint file, not a rounded-up guess.
+    size = (ckpt.checkpoint_dir(out) / "last.pt").stat().st_size / 2**20
+    assert f"each checkpoint file takes {size:.1f} MB" in str(info.value)
     assert ckpt.load_file(ckpt.checkpoint_dir(out) / "last.pt")["train_state"]["global_step"] == 6
     assert not list(ckpt.checkpoint_dir(out).glob(".*.tmp"))
 
@@ -277,3 +280,34 @@ def test_a_preempted_rank_stopped_during_teardown_still_exits_resumable():
     done = subprocess.run([sys.executable, "-c", SIGTERM_DURING_TEARDOWN.format(repo=str(REPO))],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 75, (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.slow
+def test_the_resume_after_a_larger_global_batch_is_the_one_the_next_resume_takes(tmp_path: Path):
+    """Step numbers are not comparable across global batches: epoch 3 under two ranks ends
+    at step 9, before the one-process run's step 12. The save number orders them."""
+    out = tmp_path / "run"
+    train_in_process(out, **{"train.epochs": 2})          # 96 images, batch 16: 6 steps per epoch
+    directory = ckpt.checkpoint_dir(out)
+    # As an earlier version left it: step-<step>.pt names, no save numbers (still read).
+    payload = ckpt.load_file(directory / "last.pt")
+    del payload["save_number"]
+    for path in directory.iterdir():
+        path.unlink()
+    ckpt.write_file(directory / "step-00000012.pt", ckpt.encode(payload))
+    ckpt.write_file(directory / "last.pt", ckpt.encode(payload))
+
+    wider = run_job(torchrun(2, tiny_overrides(out, **{"train.epochs": 3, "train.resume": "auto"})))
+    assert wider.returncode == 0, wider.stderr[-3000:]
+    assert f"resumed from {directory / 'step-00000012.pt'} at epoch 3, step 0" in wider.stdout
+    # Global batch 32: 3 steps per epoch, epoch 3 ends at step 9, saved as the folder's first numbered save.
+    assert [p.name for _, p in ckpt.step_files(directory)] == ["save-000001-step-00000009.pt", "step-00000012.pt"]
+    found = ckpt.find_resumable(directory)
+    assert found is not None and found[0].name == "save-000001-step-00000009.pt"
+    assert found[1]["train_state"]["epoch"] == 3 and found[1]["save_number"] == 1
+
+    result = train_in_process(out, **{"train.epochs": 4, "train.resume": "auto"})
+    assert result["epochs"] == 4 and result["global_step"] == 24   # epoch 4 at 6 steps: 18 + 6
+    final = ckpt.load_file(directory / "last.pt")
+    assert [row["epoch"] for row in final["train_state"]["history"]] == [1, 2, 3, 4]
+    assert final["save_number"] == 2
