@@ -113,6 +113,7 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
     from .checkpoint import load_file
     from .evaluation import evaluate_checkpoint, format_report
     from .files import check_writable_folder
+    from .lock import refuse_if_held
 
     def prepare() -> Tuple[Config, object]:
         payload = load_file(checkpoint_path)
@@ -121,6 +122,7 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
     def work(cfg: Config, payload: object, ctx: DistContext) -> None:
         if report_dir:
             check_writable_folder(Path(report_dir), "--report")
+            refuse_if_held(Path(report_dir), "--report")
         figures = evaluate_checkpoint(payload, cfg, ctx, tta_flip=tta_flip,  # type: ignore[arg-type]
                                       source=checkpoint_path, report_dir=Path(report_dir) if report_dir else None,
                                       gallery=gallery, cam_layer=cam_layer)
@@ -136,12 +138,14 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
 def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, start: float, end: float,
                 out: Optional[str]) -> int:
     from .files import check_writable_folder
+    from .lock import refuse_if_held
     from .lr_find import lr_range_test, plot
     from .report import save
 
     def work(cfg: Config, _: object, ctx: DistContext) -> None:
         path = Path(out) if out else Path(cfg.out_dir) / "lr_find.png"
         check_writable_folder(path.parent, "--out folder")
+        refuse_if_held(path.parent, "--out folder")
         result = lr_range_test(cfg, ctx, steps=steps, start=start, end=end)
         if ctx.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)

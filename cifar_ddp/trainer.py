@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import lock as out_dir_lock
 from . import report
 from .config import CIFAR10_CLASSES, Config
 from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_shard
@@ -128,8 +129,6 @@ class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.out_dir = Path(cfg.out_dir)
-        if ctx.is_main:  # rank 0 writes everything: find out now, not after loading the data
-            check_writable_folder(self.out_dir, "out_dir")
         _refuse_to_overwrite(cfg, ctx)
         # Before loading the data: an explicit --resume that finds nothing stops at once.
         resume_from = _resume_source(cfg, ctx)
@@ -383,8 +382,17 @@ class Trainer:
 
 
 def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> Dict[str, Any]:
-    """Train as `cfg` says; returns the final metrics (on every rank)."""
-    return Trainer(cfg, ctx, logger).fit()
+    """Train as `cfg` says; returns the final metrics (on every rank). Rank 0, which writes
+    everything, holds out_dir for the whole run (lock.hold): no other run can write there."""
+    held = None
+    if ctx.is_main:  # find out now, not after loading the data
+        check_writable_folder(Path(cfg.out_dir), "out_dir")
+        held = out_dir_lock.hold(Path(cfg.out_dir))
+    try:
+        return Trainer(cfg, ctx, logger).fit()
+    finally:
+        if held is not None:
+            held.release()
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -1,6 +1,7 @@
 """Faults: killed workers, preemption, interrupted saves, damaged checkpoints, NaN, bad input."""
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from cifar_ddp import checkpoint as ckpt
+from cifar_ddp import lock
 from cifar_ddp.engine import NonFiniteLoss
 from cifar_ddp.errors import UserError
 from cifar_ddp.trainer import Preempted
@@ -74,6 +76,7 @@ import os, sys, torch
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from cifar_ddp import checkpoint as ckpt
+from cifar_ddp import lock
 directory = Path({directory!r})
 ckpt.save(directory, {{"value": torch.zeros(3)}}, 1, keep=2, is_best=False)
 real_fsync = os.fsync
@@ -311,3 +314,52 @@ def test_the_resume_after_a_larger_global_batch_is_the_one_the_next_resume_takes
     final = ckpt.load_file(directory / "last.pt")
     assert [row["epoch"] for row in final["train_state"]["history"]] == [1, 2, 3, 4]
     assert final["save_number"] == 2
+
+
+def test_a_running_training_holds_its_out_dir_against_a_second_run_a_report_and_a_plot(tmp_path: Path):
+    out = tmp_path / "run"
+    # Far longer than the test: it is killed once the others have tried.
+    settings = {"data.fake_size": 4096, "train.epochs": 50, "train.checkpoint_every_steps": 2,
+                "train.log_every_steps": 2}
+    first = subprocess.Popen(train_cmd(*tiny_overrides(out, **settings)), cwd=REPO, env=job_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        step_file = ckpt.checkpoint_dir(out) / ckpt.step_file_name(1, 2)
+        wait_for(step_file, first)
+        others = {
+            "out_dir": train_cmd(*tiny_overrides(out, **settings, **{"train.resume": "auto"})),
+            "--report": [sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint",
+                         str(step_file.with_name("last.pt")),   # replaced atomically; step files are pruned
+                         "--report", str(out / "report")],
+            "--out folder": [sys.executable, str(REPO / "launch" / "lr_find.py"), "--config", "configs/smoke.yaml",
+                             "--steps", "10", "--out", str(out / "lr.png"), *tiny_overrides(tmp_path / "other")],
+        }
+        started = {what: subprocess.Popen(argv, cwd=REPO, env=job_env(), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True) for what, argv in others.items()}
+        # A refusal takes an interpreter's start-up; a run that is let in would take minutes.
+        done = {what: process.communicate(timeout=120)[1] for what, process in started.items()}
+        done = {what: (started[what].returncode, stderr) for what, stderr in done.items()}
+        assert first.poll() is None, "the first run ended before the others tried"
+    finally:
+        for process in [first, *locals().get("started", {}).values()]:
+            process.kill()
+            process.wait(timeout=JOB_TIMEOUT_S)
+    holder = f"pid {first.pid} on host {socket.gethostname()}"
+    for what, (code, stderr) in done.items():
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, (what, stderr[-2000:])
+        assert errors[0].startswith(f"error: {what} '{out}") and holder in errors[0], errors[0]
+        assert "a training run that is running now" in errors[0]
+    assert not (out / "report").exists() and not (out / "lr.png").exists()
+    assert len(list((out / "tensorboard").glob("events.*"))) == 1     # the second run wrote nothing
+    # SIGKILLed, the first run left its holder note, but the kernel dropped the lock itself.
+    assert (out / lock.HOLDER_FILE).is_file()
+    lock.hold(out).release()
+    assert not (out / lock.HOLDER_FILE).exists() and (out / "config.json").is_file()
+
+
+def test_a_failed_start_leaves_no_folder_and_no_lock(tmp_path: Path):
+    out = tmp_path / "deep" / "run"
+    with pytest.raises(UserError, match="does not exist"):
+        train_in_process(out, **{"data.source": "folder", "data.root": str(tmp_path / "no_data")})
+    assert not (tmp_path / "deep").exists()
