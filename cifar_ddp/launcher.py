@@ -116,6 +116,8 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
     from .lock import refuse_if_held
 
     def prepare() -> Tuple[Config, object]:
+        if gallery < 0:
+            raise UserError(f"--gallery is {gallery}; it is how many mistakes the report shows, 0 or more")
         payload = load_file(checkpoint_path)
         return config_from_dict(payload["config"], overrides), payload
 

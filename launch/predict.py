@@ -3,6 +3,10 @@
 
     python launch/predict.py --model runs/fast85/checkpoints/best.pt cat.png ship.jpg
     python launch/predict.py --model best.onnx --top 3 --json images/*.png
+    python launch/predict.py --model best.ts photos/
+
+A folder stands for every image file in it (.png, .jpg, ...: by name, sorted, not its
+sub-folders); the other entries are skipped, and their number said on stderr.
 
 --model: a checkpoint (.pt, written by launch/train.py), an ONNX file (.onnx) or a
 TorchScript file (.ts) written by launch/export.py. Images of any size are converted to
@@ -26,17 +30,24 @@ def main() -> int:
 
     from cifar_ddp import export
     from cifar_ddp.errors import UserError
-    from cifar_ddp.inference import load_for_inference, read_images
+    from cifar_ddp.inference import image_files, load_for_inference, read_images
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="a checkpoint (.pt), .onnx or .ts file")
-    parser.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR",
+                        help="PNG/JPEG files, or folders of them")
     parser.add_argument("--top", type=int, default=1, help="how many classes to list per image (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
     args = parser.parse_intermixed_args()
 
     def work() -> int:
-        images = read_images(args.images)
+        if args.top < 1:
+            raise UserError(f"--top is {args.top}; it is how many classes to list per image, at least 1")
+        files, skipped = image_files(args.images)
+        for folder, count in skipped.items():
+            print(f"note: skipped {count} entr{'y' if count == 1 else 'ies'} of '{folder}' that {'is' if count == 1 else 'are'} "
+                  "not image files", file=sys.stderr)
+        images = read_images(files)
         if args.model.suffix == ".pt":
             trained = load_for_inference(args.model)
             with torch.no_grad():
@@ -51,8 +62,8 @@ def main() -> int:
         shifted = np.exp(logits - logits.max(1, keepdims=True))
         probabilities = shifted / shifted.sum(1, keepdims=True)
         results = []
-        for path, row in zip(args.images, probabilities):
-            best = np.argsort(-row)[:max(1, args.top)]
+        for path, row in zip(files, probabilities):
+            best = np.argsort(-row)[:args.top]
             results.append({"image": str(path), "predictions": [
                 {"class": classes[i] if i < len(classes) else str(i), "probability": round(float(row[i]), 4)}
                 for i in best]})
