@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Tuple
@@ -261,6 +262,28 @@ def _set_dotted(tree: Dict[str, Any], path: List[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last silently, so a setting written twice would be decided by its position)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line report as one line: the problem and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def load_config(path: str | Path | None = None, overrides: List[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides, then validated."""
     tree: Dict[str, Any] = {}
@@ -271,11 +294,14 @@ def load_config(path: str | Path | None = None, overrides: List[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. configs/seed.yaml")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        if loaded is None:
+            warnings.warn(f"config file '{path}' is empty: the defaults are used, with the overrides given",
+                          stacklevel=2)
         tree = loaded or {}
     return config_from_dict(tree, overrides)
 
@@ -308,6 +334,8 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.ema_decay < 1, f"train.ema_decay is {t.ema_decay}; it must be in [0, 1) (0 turns EMA off)")
     _require(0 <= t.label_smoothing < 1, f"train.label_smoothing is {t.label_smoothing}; it must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    # Every optimizer argument is checked here: torch's own ValueError would be a traceback.
+    _require(0 <= t.momentum < 1, f"train.momentum is {t.momentum}; it must be in [0, 1) (0: plain SGD)")
     _require(not (t.nesterov and t.optimizer == "sgd" and t.momentum <= 0),
              "train.nesterov=true needs train.momentum > 0; set one or the other")
     _require(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends)")
