@@ -145,7 +145,7 @@ def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, st
     from .report import save
 
     def work(cfg: Config, _: object, ctx: DistContext) -> None:
-        path = Path(out) if out else Path(cfg.out_dir) / "lr_find.png"
+        path = _plot_path(Path(out) if out else Path(cfg.out_dir) / "lr_find.png")
         check_writable_folder(path.parent, "--out folder")
         refuse_if_held(path.parent, "--out folder")
         result = lr_range_test(cfg, ctx, steps=steps, start=start, end=end)
@@ -159,6 +159,22 @@ def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, st
                   f"train.lr={per_reference:.4g} (train.lr is per {cfg.train.lr_reference_batch} images)", flush=True)
 
     return _launch(lambda: (load_config(config_path, overrides), None), work)
+
+
+def _plot_path(path: Path) -> Path:
+    """The file the plot really goes to: into a folder, lr_find.png; without a suffix, .png
+    (as matplotlib would add); a suffix matplotlib cannot draw is refused."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if path.is_dir():
+        return path / "lr_find.png"
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in kinds:
+        raise UserError(f"--out '{path}' ends in {path.suffix}, which is not a picture format matplotlib writes; "
+                        f"use one of {', '.join('.' + k for k in sorted(kinds))}, e.g. {path.with_suffix('.png')}")
+    return path
 
 
 def run_command(work: Callable[[], int]) -> int:
