@@ -147,11 +147,14 @@ class Trainer:
         self.batches = batches = TrainBatches(data.train, cfg.augment, data.stats, t.batch_size, ctx.rank,
                                               ctx.world_size, cfg.seed, ctx.device,
                                               num_workers=cfg.data.num_workers, channels_last=t.channels_last)
-        if batches.steps_per_epoch == 0:
-            per_rank = len(batches.sampler)
+        # The sampler pads the shards to one length with repeated images: each rank's own
+        # images must fill a batch, or the epoch would be (partly) the padding.
+        per_rank = len(data.train) // ctx.world_size
+        if per_rank < t.batch_size:
             raise UserError(
                 f"train.batch_size={t.batch_size} is larger than the {per_rank} training images each of the "
-                f"{ctx.world_size} process(es) gets; lower train.batch_size or use fewer processes"
+                f"{ctx.world_size} process(es) gets ({len(data.train)} in all); lower train.batch_size or use "
+                "fewer processes"
             )
         self.test_shard = eval_shard(data.test, ctx.rank, ctx.world_size)
 
@@ -481,6 +484,9 @@ def _resume_source(cfg: Config, ctx: DistContext) -> Optional[Tuple[Path, Dict[s
                             f"(it is '{cfg.out_dir}'), or leave out --resume to start a new run there")
         return None
     path = Path(resume)
+    if path.is_dir():
+        raise UserError(f"train.resume='{resume}' is a folder; pass a checkpoint file in it, e.g. "
+                        f"train.resume={path / 'last.pt'}, or train.resume=auto for the newest one of out_dir")
     if not path.is_file():
         raise UserError(f"train.resume='{resume}' does not exist; pass a checkpoint file or train.resume=auto")
     return path, ckpt.load_file(path)
