@@ -187,6 +187,7 @@ class Trainer:
         self.logger = logger if logger is not None else make_logger(
             ctx.is_main, self.out_dir, t.progress_bar, eval_split=eval_split(cfg))
         self.stop = StopSignal()
+        self.signals_received: Dict[int, int] = {}
         self.last_eval: Optional[EvalResult] = None
         self.last_saved: List[Path] = []
 
@@ -266,12 +267,15 @@ class Trainer:
         t = self.t
         if t.stop_after_steps and self.state.global_step >= t.stop_after_steps:
             return True  # the same on every rank: no need to ask the others
-        # Signals reach the ranks at different steps: they agree at this sync step.
-        flag = torch.tensor(1 if self.stop.received is not None else 0, device=self.ctx.device)
-        return bool(self.ctx.max(flag))
+        # Signals reach the ranks at different steps: they agree at this sync step, and
+        # every rank learns which rank got which signal (for the message).
+        received = torch.zeros(self.ctx.world_size, dtype=torch.int64, device=self.ctx.device)
+        received[self.ctx.rank] = self.stop.received or 0
+        self.signals_received = {rank: signum for rank, signum in enumerate(self.ctx.max(received).tolist()) if signum}
+        return bool(self.signals_received)
 
     def _interrupt(self) -> None:
-        reason = _stop_reason(self.stop, self.t.stop_after_steps)
+        reason = _stop_reason(self.signals_received, self.ctx.world_size, self.t.stop_after_steps)
         self.logger.message(f"{reason} at step {self.state.global_step}; checkpoint in "
                             f"{ckpt.checkpoint_dir(self.out_dir)}; continue with train.resume=auto")
         raise Preempted()
@@ -409,19 +413,27 @@ def weights_digest(model: nn.Module) -> str:
 
 def _inject_test_fault(global_step: int, ctx: DistContext) -> None:
     """Fault injection for the recovery tests: CIFAR_DDP_TEST_SIGKILL="RANK:STEP" makes
-    that rank SIGKILL itself after that step, in the first attempt only. Unset in real runs."""
-    spec = os.environ.get("CIFAR_DDP_TEST_SIGKILL")
-    if not spec or ctx.restart_count:
-        return
-    kill_rank, kill_step = (int(v) for v in spec.split(":"))
-    if ctx.rank == kill_rank and global_step == kill_step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    that rank SIGKILL itself after that step, in the first attempt only;
+    CIFAR_DDP_TEST_SIGNAL="RANK:STEP:SIGTERM" sends it that signal instead. Unset in real runs."""
+    for variable in ("CIFAR_DDP_TEST_SIGKILL", "CIFAR_DDP_TEST_SIGNAL"):
+        spec = os.environ.get(variable)
+        if not spec or ctx.restart_count:
+            continue
+        kill_rank, kill_step, *name = spec.split(":")
+        if ctx.rank == int(kill_rank) and global_step == int(kill_step):
+            os.kill(os.getpid(), signal.Signals[name[0]] if name else signal.SIGKILL)
 
 
-def _stop_reason(stop: StopSignal, stop_after_steps: int) -> str:
-    if stop.received is not None:
-        return f"stopped by {signal.Signals(stop.received).name}"
-    return f"stopped as asked by train.stop_after_steps={stop_after_steps}"
+def _stop_reason(signals_received: Dict[int, int], world_size: int, stop_after_steps: int) -> str:
+    """`signals_received`: rank -> the signal it got, as the ranks agreed at a sync step."""
+    if not signals_received:
+        return f"stopped as asked by train.stop_after_steps={stop_after_steps}"
+    names = " and ".join(sorted({signal.Signals(s).name for s in signals_received.values()}))
+    if world_size == 1:
+        return f"stopped by {names}"
+    ranks = sorted(signals_received)
+    return (f"stopped by {names}, sent to rank{'s' if len(ranks) > 1 else ''} "
+            f"{', '.join(map(str, ranks))} (the others stopped with it)")
 
 
 def _preview(data: DatasetArrays, cfg: Config) -> torch.Tensor:

@@ -363,3 +363,15 @@ def test_a_failed_start_leaves_no_folder_and_no_lock(tmp_path: Path):
     with pytest.raises(UserError, match="does not exist"):
         train_in_process(out, **{"data.source": "folder", "data.root": str(tmp_path / "no_data")})
     assert not (tmp_path / "deep").exists()
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_both_and_the_message_names_the_signal_and_the_rank(tmp_path: Path):
+    out = tmp_path / "run"
+    # 96 images over 2 ranks, batch 16: 3 steps per epoch; rank 1 alone gets SIGTERM after step 4.
+    settings = {"train.epochs": 3, "train.log_every_steps": 1}
+    done = run_job(torchrun(2, tiny_overrides(out, **settings)), env=job_env({"CIFAR_DDP_TEST_SIGNAL": "1:4:SIGTERM"}))
+    assert "stopped by SIGTERM, sent to rank 1 (the others stopped with it) at step 4" in done.stdout, \
+        done.stdout[-2000:] + done.stderr[-2000:]
+    assert "stop_after_steps" not in done.stdout
+    assert ckpt.load_file(ckpt.checkpoint_dir(out) / "last.pt")["train_state"]["global_step"] == 4
