@@ -30,8 +30,10 @@ _FILESYSTEM_FULL_OR_CLOSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EAC
 EXIT_RESUMABLE = 75
 
 
-def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config, object, DistContext], None]) -> int:
-    """prepare() -> (config, anything it loaded); then join the job and work()."""
+def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config, object, DistContext], None],
+            again: str = "continue with --resume") -> int:
+    """prepare() -> (config, anything it loaded); then join the job and work(). `again`:
+    what to do once a full disk has room again."""
     from .trainer import Preempted
 
     ctx: Optional[DistContext] = None
@@ -59,7 +61,7 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
         if isinstance(exc, OSError) and exc.errno in _FILESYSTEM_FULL_OR_CLOSED:
             # A log or event file that cannot be written any more (checkpoints say so themselves).
             print(f"error: {_who(ctx)}cannot write '{exc.filename or 'a file'}' ({exc.strerror}); free space "
-                  "there or pick another out_dir, then continue with --resume", file=sys.stderr, flush=True)
+                  f"there or pick another folder, then {again}", file=sys.stderr, flush=True)
             code = EXIT_USER_ERROR
         elif ctx is None or not ctx.is_distributed:
             raise
@@ -134,7 +136,7 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
             if report_dir and not as_json:
                 print(f"report: {Path(report_dir) / 'report.md'} and {Path(report_dir) / 'index.html'}", flush=True)
 
-    return _launch(prepare, work)
+    return _launch(prepare, work, again="run the evaluation again")
 
 
 def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, start: float, end: float,
@@ -158,7 +160,7 @@ def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, st
             print(f"suggested peak LR {result.suggested_lr:.4g} at global batch {result.global_batch}: "
                   f"train.lr={per_reference:.4g} (train.lr is per {cfg.train.lr_reference_batch} images)", flush=True)
 
-    return _launch(lambda: (load_config(config_path, overrides), None), work)
+    return _launch(lambda: (load_config(config_path, overrides), None), work, again="run lr_find again")
 
 
 def _plot_path(path: Path) -> Path:

@@ -164,6 +164,8 @@ class Trainer:
         self.peak = peak_lr(t, self.global_batch)
         self.optimizer = build_optimizer(model, t, self.peak)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        if ctx.is_main:
+            _check_room_for_checkpoints(self.out_dir, model, self.ema, t)
         self.state = TrainState()
         self.total_steps = t.epochs * batches.steps_per_epoch
 
@@ -463,6 +465,29 @@ def _requested_resume(cfg: Config, ctx: DistContext) -> str:
         # torchrun restarted the group after a worker died: pick up where it left off.
         return "auto"
     return cfg.train.resume
+
+
+def checkpoint_size(model: nn.Module, ema: Optional[nn.Module], t) -> int:
+    """About the bytes of one checkpoint file: the weights, the EMA's, the optimizer's
+    per-weight state (SGD's momentum, AdamW's two moments); the rest is small."""
+    def size(tensors) -> int:
+        return sum(x.numel() * x.element_size() for x in tensors)
+    per_weight = 2 if t.optimizer == "adamw" else 1 if t.momentum > 0 else 0
+    return (size(model.state_dict().values()) + (size(ema.state_dict().values()) if ema is not None else 0)
+            + per_weight * size(model.parameters()) + 64 * 1024)
+
+
+def _check_room_for_checkpoints(out_dir: Path, model: nn.Module, ema: Optional[nn.Module], t) -> None:
+    """A disk too full for the first checkpoints stops the run before it trains, not after."""
+    import shutil
+
+    size = checkpoint_size(model, ema, t)
+    need = 3 * size                                     # a step file, last.pt and best.pt
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise UserError(f"out_dir '{out_dir}' has {free / 2**20:.1f} MB free; this run's first checkpoints need "
+                        f"about {need / 2**20:.1f} MB ({size / 2**20:.1f} MB each: a step file, last.pt and best.pt); "
+                        "free space there or pick another out_dir=...")
 
 
 def _refuse_to_overwrite(cfg: Config, ctx: DistContext) -> None:

@@ -375,3 +375,37 @@ def test_a_signal_to_one_rank_stops_both_and_the_message_names_the_signal_and_th
         done.stdout[-2000:] + done.stderr[-2000:]
     assert "stop_after_steps" not in done.stdout
     assert ckpt.load_file(ckpt.checkpoint_dir(out) / "last.pt")["train_state"]["global_step"] == 4
+
+
+def test_a_disk_too_full_for_the_checkpoints_stops_at_start_naming_the_folder_and_leaves_nothing(tmp_path: Path,
+                                                                                                 monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    train_in_process(tmp_path / "real", **{"train.epochs": 1})
+    real_size = (ckpt.checkpoint_dir(tmp_path / "real") / "last.pt").stat().st_size / 2**20
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    out = tmp_path / "deep" / "run"
+    with pytest.raises(UserError, match=rf"out_dir '{out}' has 1.0 MB free; this run's first checkpoints need "
+                                        r"about [\d.]+ MB \(([\d.]+) MB each") as info:
+        train_in_process(out)
+    estimate = float(str(info.value).split("MB (")[1].split(" MB each")[0])
+    assert abs(estimate - real_size) <= 0.1, (estimate, real_size)
+    assert not (tmp_path / "deep").exists()
+
+
+def test_a_full_disk_at_the_folder_check_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch):
+    import errno
+    import os
+
+    from cifar_ddp.files import check_writable_folder
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match=rf"out_dir '{tmp_path / 'run'}' cannot be written \(No space left on device "
+                                        rf"in '{tmp_path}'\); free space there or pick another out_dir$"):
+        check_writable_folder(tmp_path / "run", "out_dir")
+    assert list(tmp_path.iterdir()) == []
