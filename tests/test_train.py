@@ -231,3 +231,12 @@ def test_ema_decay_warms_up_then_holds():
     # Early on the average stays close to the current weights instead of the initial ones.
     assert (model[0].weight - ema.module[0].weight).abs().max() < 25
     assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked
+
+
+def test_evaluate_refuses_a_negative_gallery(tmp_path: Path, capsys):
+    from cifar_ddp.launcher import run_evaluation
+
+    code = run_evaluation(str(tmp_path / "any.pt"), [], False, False, report_dir=str(tmp_path / "report"), gallery=-1)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and errors == ["error: --gallery is -1; it is how many mistakes the report shows, 0 or more"]
+    assert list(tmp_path.iterdir()) == []
