@@ -117,5 +117,5 @@ def uint8_to_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).contiguous()
 
 
-__all__ = ["NormalizedModel", "TrainedModel", "checkpoint_weights", "load_for_inference", "IMAGE_SUFFIXES", "image_files",
-           "read_images", "uint8_to_input"]
+__all__ = ["NormalizedModel", "TrainedModel", "checkpoint_weights", "load_for_inference", "IMAGE_SUFFIXES",
+           "image_files", "read_images", "uint8_to_input"]

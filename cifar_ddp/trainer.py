@@ -273,7 +273,8 @@ class Trainer:
         # every rank learns which rank got which signal (for the message).
         received = torch.zeros(self.ctx.world_size, dtype=torch.int64, device=self.ctx.device)
         received[self.ctx.rank] = self.stop.received or 0
-        self.signals_received = {rank: signum for rank, signum in enumerate(self.ctx.max(received).tolist()) if signum}
+        agreed = self.ctx.max(received).tolist()
+        self.signals_received = {rank: signum for rank, signum in enumerate(agreed) if signum}
         return bool(self.signals_received)
 
     def _interrupt(self) -> None:
@@ -434,8 +435,8 @@ def _stop_reason(signals_received: Dict[int, int], world_size: int, stop_after_s
     if world_size == 1:
         return f"stopped by {names}"
     ranks = sorted(signals_received)
-    return (f"stopped by {names}, sent to rank{'s' if len(ranks) > 1 else ''} "
-            f"{', '.join(map(str, ranks))} (the others stopped with it)")
+    return (f"stopped by {names}, sent to rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+            + (" (the others stopped with it)" if len(ranks) < world_size else ""))
 
 
 def _preview(data: DatasetArrays, cfg: Config) -> torch.Tensor:

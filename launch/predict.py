@@ -45,8 +45,8 @@ def main() -> int:
             raise UserError(f"--top is {args.top}; it is how many classes to list per image, at least 1")
         files, skipped = image_files(args.images)
         for folder, count in skipped.items():
-            print(f"note: skipped {count} entr{'y' if count == 1 else 'ies'} of '{folder}' that {'is' if count == 1 else 'are'} "
-                  "not image files", file=sys.stderr)
+            entries = "1 entry that is not an image file" if count == 1 else f"{count} entries that are not image files"
+            print(f"note: skipped {entries} in '{folder}'", file=sys.stderr)
         images = read_images(files)
         if args.model.suffix == ".pt":
             trained = load_for_inference(args.model)
