@@ -1,7 +1,12 @@
 """Checkpoints that are never half-written, never silently wrong, and plain PyTorch files.
 
 Layout under <out_dir>/checkpoints/:
-    step-00001234.pt   one per save, the newest `keep_checkpoints` are kept
+    save-000007-step-00001234.pt   one per save: the 7th save of the folder, at global step
+                       1234; the newest `keep_checkpoints` are kept. The save number only
+                       grows (step numbers do not: a resume under a larger global batch
+                       has fewer steps per epoch), so the names sort in the order written.
+                       Files of earlier versions, step-00001234.pt, are read as saves
+                       older than any numbered one.
     last.pt            the newest save again (what users and `evaluate.py` pick up)
     best.pt            the save with the best test accuracy so far
     <name>.sha256      beside each: its SHA-256, in `sha256sum` format (`sha256sum -c` checks it)
@@ -29,7 +34,8 @@ import torch
 from .errors import UserError
 from .files import atomic_write
 
-_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+# save-<save number>-step-<global step>.pt; earlier versions wrote step-<global step>.pt.
+_STEP_FILE = re.compile(r"^(?:save-(\d+)-)?step-(\d+)\.pt$")
 # Files written before checkpoints were plain torch.save files: a header, then the body.
 _OLD_HEADER = b"CIFARDDP1\n"
 
@@ -109,21 +115,41 @@ def load_file(path: str | Path, expect: Tuple[str, ...] = ("model", "config")) -
     return payload
 
 
-def step_files(directory: Path) -> List[Tuple[int, Path]]:
-    """(global_step, path) of the step-*.pt files, newest first."""
+def _save_files(directory: Path) -> List[Tuple[int, int, Path]]:
+    """(save number, global_step, path) of the step files, newest first; files named by an
+    earlier version (no save number) count as number 0, ordered by their step."""
     found = []
     if directory.is_dir():
         for p in directory.iterdir():
             match = _STEP_FILE.match(p.name)
             if match:
-                found.append((int(match.group(1)), p))
+                found.append((int(match.group(1) or 0), int(match.group(2)), p))
     return sorted(found, reverse=True)
 
 
-def save(directory: Path, payload: Dict[str, Any], global_step: int, keep: int, is_best: bool) -> Path:
-    """Write step-N.pt, last.pt (and best.pt), then prune old step files."""
+def step_files(directory: Path) -> List[Tuple[int, Path]]:
+    """(global_step, path) of the step files, newest (last written) first."""
+    return [(step, path) for _, step, path in _save_files(directory)]
+
+
+def next_save_number(directory: Path) -> int:
+    """The number the folder's next save gets: one more than any save in it."""
+    return max((number for number, _, _ in _save_files(directory)), default=0) + 1
+
+
+def step_file_name(save_number: int, global_step: int) -> str:
+    return f"save-{save_number:06d}-step-{global_step:08d}.pt"
+
+
+def save(directory: Path, payload: Dict[str, Any], global_step: int, keep: int, is_best: bool,
+         save_number: Optional[int] = None) -> Path:
+    """Write the step file, last.pt (and best.pt), then prune old step files. The payload
+    records its save number ("save_number"): it orders last.pt and best.pt among the rest."""
+    if save_number is None:
+        save_number = next_save_number(directory)
+    payload = {**payload, "save_number": save_number}
     data = encode(payload)
-    step_path = directory / f"step-{global_step:08d}.pt"
+    step_path = directory / step_file_name(save_number, global_step)
     # The step file first: a crash while last.pt is replaced leaves this intact copy.
     write_file(step_path, data)
     write_file(directory / "last.pt", data)
@@ -145,11 +171,20 @@ def resume_candidates(directory: Path) -> List[Path]:
     return candidates + [directory / name for name in ("last.pt", "best.pt") if (directory / name).is_file()]
 
 
+def recency(payload: Dict[str, Any]) -> Tuple[int, int, int, int]:
+    """How late a checkpoint was written: its save number (which only grows), then - for
+    files of earlier versions, which have none - its training progress: the epoch and the
+    images seen in it. Global steps are not comparable across global batch sizes."""
+    state = payload.get("train_state", {})
+    seen = int(state.get("step_in_epoch", 0)) * int(payload.get("global_batch", 0))
+    return (int(payload.get("save_number", 0)), int(state.get("epoch", -1)), seen, int(state.get("global_step", -1)))
+
+
 def find_resumable(directory: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest intact checkpoint of the folder, by training step: every candidate is
-    loaded and checksummed, so a damaged step file never hides a good last.pt. Damaged
-    files are named in one warning; nothing is deleted here."""
-    best: Optional[Tuple[int, Path, Dict[str, Any]]] = None
+    """The newest intact checkpoint of the folder (`recency`): every candidate is loaded and
+    checksummed, so a damaged step file never hides a good last.pt. Damaged files are
+    named in one warning; nothing is deleted here."""
+    best: Optional[Tuple[Tuple[int, ...], Path, Dict[str, Any]]] = None
     damaged = []
     for path in resume_candidates(directory):
         try:
@@ -157,9 +192,9 @@ def find_resumable(directory: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
         except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
             damaged.append(str(exc) if isinstance(exc, CheckpointError) else f"'{path}' ({exc})")
             continue
-        step = int(payload.get("train_state", {}).get("global_step", -1))
-        if best is None or step > best[0]:   # on a tie the step file, listed first, stays
-            best = (step, path, payload)
+        key = recency(payload)
+        if best is None or key > best[0]:   # on a tie the step file, listed first, stays
+            best = (key, path, payload)
     if damaged:
         chosen = f"resuming from '{best[1]}'" if best else "no intact checkpoint is left"
         warnings.warn(f"checkpoint(s) cannot be used: {'; '.join(damaged)}; {chosen}", stacklevel=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Tuple
@@ -291,6 +292,28 @@ def _set_dotted(tree: Dict[str, Any], path: List[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last silently, so a setting written twice would be decided by its position)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line report as one line: the problem and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def load_config(path: str | Path | None = None, overrides: List[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides, then validated."""
     tree: Dict[str, Any] = {}
@@ -300,15 +323,24 @@ def load_config(path: str | Path | None = None, overrides: List[str] | None = No
             raise ConfigError(f"config file '{path}' is a folder; pass a YAML file in it, e.g. configs/seed.yaml")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. configs/seed.yaml")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        loaded = _read_mapping(path, "config file", "at the top level")
+        if loaded is None:
+            warnings.warn(f"config file '{path}' is empty: the defaults are used, with the overrides given",
+                          stacklevel=2)
         tree = loaded or {}
         _include_rules(tree, path.parent)
     return config_from_dict(tree, overrides)
+
+
+def _read_mapping(path: Path, what: str, where: str) -> Dict[str, Any] | None:
+    """The YAML mapping in `path` (None for an empty file); keys given twice are an error."""
+    try:
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {_yaml_problem(exc)}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{what} '{path}' must hold a mapping {where}")
+    return loaded
 
 
 def _include_rules(tree: Dict[str, Any], base: Path) -> None:
@@ -322,13 +354,7 @@ def _include_rules(tree: Dict[str, Any], base: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"rules file '{name}' does not exist (looked for {path}); give a YAML file of "
                           "rules (e.g. configs/rules/seed.yaml) or a mapping under rules:")
-    try:
-        rules = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"rules file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if rules is not None and not isinstance(rules, dict):
-        raise ConfigError(f"rules file '{path}' must hold a mapping of rules, e.g. max_params: 150576")
-    tree["rules"] = rules or {}
+    tree["rules"] = _read_mapping(path, "rules file", "of rules, e.g. max_params: 150576") or {}
 
 
 def config_from_dict(tree: Dict[str, Any], overrides: List[str] | None = None) -> Config:
@@ -361,6 +387,8 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.ema_decay < 1, f"train.ema_decay is {t.ema_decay}; it must be in [0, 1) (0 turns EMA off)")
     _require(0 <= t.label_smoothing < 1, f"train.label_smoothing is {t.label_smoothing}; it must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    # Every optimizer argument is checked here: torch's own ValueError would be a traceback.
+    _require(0 <= t.momentum < 1, f"train.momentum is {t.momentum}; it must be in [0, 1) (0: plain SGD)")
     _require(not (t.nesterov and t.optimizer == "sgd" and t.momentum <= 0),
              "train.nesterov=true needs train.momentum > 0; set one or the other")
     _require(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends)")

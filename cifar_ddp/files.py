@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -20,11 +21,21 @@ def check_writable_folder(path: Path, what: str) -> None:
         raise UserError(f"{what} '{path}' cannot be created: '{probe}' is a file, not a folder; "
                         f"pick another {what}=...")
     try:
-        # The only sure test (permissions, read-only mounts, /proc, quotas): try, then tidy up.
-        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".cifar_ddp_probe."))
+        # The only sure test (permissions, read-only mounts, /proc, quotas, a full disk): try
+        # to make a folder and write a byte to disk in it, then tidy up.
+        folder = tempfile.mkdtemp(dir=probe, prefix=".cifar_ddp_probe.")
+        try:
+            with open(os.path.join(folder, "probe"), "wb") as f:
+                f.write(b"\0")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            Path(folder, "probe").unlink(missing_ok=True)
+            os.rmdir(folder)
     except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         raise UserError(f"{what} '{path}' cannot be written ({exc.strerror} in '{probe}'); "
-                        f"pick a writable {what}=...") from None
+                        + ("free space there or pick another" if full else "pick a writable") + f" {what}") from None
 
 
 def _umask() -> int:
@@ -49,6 +60,11 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:     # a failed write() names no file: name the one meant
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -72,6 +72,31 @@ def load_for_inference(path: str | Path, ema: Optional[bool] = None, overrides: 
     return TrainedModel(wrapped, list(payload["classes"]), used_ema, payload)
 
 
+# What a folder's entries are taken for by name; a file named on the command line is read whatever its name.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def image_files(paths: Sequence[str | Path]) -> Tuple[List[Path], Dict[Path, int]]:
+    """The files to classify: each named file, and every image file of each named folder
+    (by suffix, sorted by name, not descending into sub-folders); with, per folder, how
+    many of its entries were skipped as not images."""
+    files: List[Path] = []
+    skipped: Dict[Path, int] = {}
+    for path in map(Path, paths):
+        if not path.is_dir():
+            files.append(path)
+            continue
+        entries = sorted(path.iterdir())
+        images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:
+            raise UserError(f"folder '{path}' holds no image files ({', '.join(IMAGE_SUFFIXES)}); name the images "
+                            "or a folder that holds some")
+        files += images
+        if len(entries) > len(images):
+            skipped[path] = len(entries) - len(images)
+    return files, skipped
+
+
 def read_images(paths: Sequence[str | Path]) -> torch.Tensor:
     """Image files (PNG, JPEG, anything PIL reads) as float RGB in [0, 1], N x 3 x 32 x 32."""
     from PIL import Image, UnidentifiedImageError
@@ -98,4 +123,5 @@ def uint8_to_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).contiguous()
 
 
-__all__ = ["NormalizedModel", "TrainedModel", "checkpoint_weights", "load_for_inference", "read_images", "uint8_to_input"]
+__all__ = ["NormalizedModel", "TrainedModel", "checkpoint_weights", "load_for_inference", "IMAGE_SUFFIXES",
+           "image_files", "read_images", "uint8_to_input"]

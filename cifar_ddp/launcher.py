@@ -30,8 +30,10 @@ _FILESYSTEM_FULL_OR_CLOSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EAC
 EXIT_RESUMABLE = 75
 
 
-def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config, object, DistContext], None]) -> int:
-    """prepare() -> (config, anything it loaded); then join the job and work()."""
+def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config, object, DistContext], None],
+            again: str = "continue with --resume") -> int:
+    """prepare() -> (config, anything it loaded); then join the job and work(). `again`:
+    what to do once a full disk has room again."""
     from .trainer import Preempted
 
     ctx: Optional[DistContext] = None
@@ -59,7 +61,7 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
         if isinstance(exc, OSError) and exc.errno in _FILESYSTEM_FULL_OR_CLOSED:
             # A log or event file that cannot be written any more (checkpoints say so themselves).
             print(f"error: {_who(ctx)}cannot write '{exc.filename or 'a file'}' ({exc.strerror}); free space "
-                  "there or pick another out_dir, then continue with --resume", file=sys.stderr, flush=True)
+                  f"there or pick another folder, then {again}", file=sys.stderr, flush=True)
             code = EXIT_USER_ERROR
         elif ctx is None or not ctx.is_distributed:
             raise
@@ -114,9 +116,12 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
     from .checkpoint import load_file
     from .evaluation import evaluate_checkpoint, format_report
     from .files import check_writable_folder
+    from .lock import refuse_if_held
     from .models import require_named
 
     def prepare() -> Tuple[Config, object]:
+        if gallery < 0:
+            raise UserError(f"--gallery is {gallery}; it is how many mistakes the report shows, 0 or more")
         payload = load_file(checkpoint_path)
         cfg = config_from_dict(payload["config"], overrides)
         require_named(cfg.model.name, overrides, trust_model_code, f"checkpoint '{checkpoint_path}'")
@@ -125,6 +130,7 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
     def work(cfg: Config, payload: object, ctx: DistContext) -> None:
         if report_dir:
             check_writable_folder(Path(report_dir), "--report")
+            refuse_if_held(Path(report_dir), "--report")
         figures = evaluate_checkpoint(payload, cfg, ctx, tta_flip=tta_flip,  # type: ignore[arg-type]
                                       source=checkpoint_path, report_dir=Path(report_dir) if report_dir else None,
                                       gallery=gallery, cam_layer=cam_layer)
@@ -134,18 +140,20 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
             if report_dir and not as_json:
                 print(f"report: {Path(report_dir) / 'report.md'} and {Path(report_dir) / 'index.html'}", flush=True)
 
-    return _launch(prepare, work)
+    return _launch(prepare, work, again="run the evaluation again")
 
 
 def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, start: float, end: float,
                 out: Optional[str]) -> int:
     from .files import check_writable_folder
+    from .lock import refuse_if_held
     from .lr_find import lr_range_test, plot
     from .report import save
 
     def work(cfg: Config, _: object, ctx: DistContext) -> None:
-        path = Path(out) if out else Path(cfg.out_dir) / "lr_find.png"
+        path = _plot_path(Path(out) if out else Path(cfg.out_dir) / "lr_find.png")
         check_writable_folder(path.parent, "--out folder")
+        refuse_if_held(path.parent, "--out folder")
         result = lr_range_test(cfg, ctx, steps=steps, start=start, end=end)
         if ctx.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +164,23 @@ def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, st
             print(f"suggested peak LR {result.suggested_lr:.4g} at global batch {result.global_batch}: "
                   f"train.lr={per_reference:.4g} (train.lr is per {cfg.train.lr_reference_batch} images)", flush=True)
 
-    return _launch(lambda: (load_config(config_path, overrides), None), work)
+    return _launch(lambda: (load_config(config_path, overrides), None), work, again="run lr_find again")
+
+
+def _plot_path(path: Path) -> Path:
+    """The file the plot really goes to: into a folder, lr_find.png; without a suffix, .png
+    (as matplotlib would add); a suffix matplotlib cannot draw is refused."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if path.is_dir():
+        return path / "lr_find.png"
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in kinds:
+        raise UserError(f"--out '{path}' ends in {path.suffix}, which is not a picture format matplotlib writes; "
+                        f"use one of {', '.join('.' + k for k in sorted(kinds))}, e.g. {path.with_suffix('.png')}")
+    return path
 
 
 def run_command(work: Callable[[], int]) -> int:

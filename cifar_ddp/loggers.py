@@ -57,7 +57,7 @@ class MainLogger(SilentLogger):
 
     def start(self, cfg_dict: Dict[str, Any], info: Dict[str, Any],
               history: Sequence[Dict[str, Any]] = ()) -> None:
-        (self.out_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+        atomic_write(self.out_dir / "config.json", json.dumps(cfg_dict, indent=2).encode())
         self.writer.add_text("config", "```\n" + json.dumps(cfg_dict, indent=2) + "\n```")
         self.message(" | ".join(f"{k}: {v}" for k, v in info.items()))
         # A resumed run keeps the header of the run it continues (its launch facts),

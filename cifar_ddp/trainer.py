@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import lock as out_dir_lock
 from . import report, rules
 from .config import CIFAR10_CLASSES, Config
 from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_shard
@@ -133,8 +134,6 @@ class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.out_dir = Path(cfg.out_dir)
-        if ctx.is_main:  # rank 0 writes everything: find out now, not after loading the data
-            check_writable_folder(self.out_dir, "out_dir")
         _refuse_to_overwrite(cfg, ctx)
         # Before loading the data: an explicit --resume that finds nothing stops at once.
         resume_from = _resume_source(cfg, ctx)
@@ -165,11 +164,14 @@ class Trainer:
         self.batches = batches = TrainBatches(data.train, cfg.augment, data.stats, t.batch_size, ctx.rank,
                                               ctx.world_size, cfg.seed, ctx.device,
                                               num_workers=cfg.data.num_workers, channels_last=t.channels_last)
-        if batches.steps_per_epoch == 0:
-            per_rank = len(batches.sampler)
+        # The sampler pads the shards to one length with repeated images: each rank's own
+        # images must fill a batch, or the epoch would be (partly) the padding.
+        per_rank = len(data.train) // ctx.world_size
+        if per_rank < t.batch_size:
             raise UserError(
                 f"train.batch_size={t.batch_size} is larger than the {per_rank} training images each of the "
-                f"{ctx.world_size} process(es) gets; lower train.batch_size or use fewer processes"
+                f"{ctx.world_size} process(es) gets ({len(data.train)} in all); lower train.batch_size or use "
+                "fewer processes"
             )
         self.test_shard = eval_shard(data.test, ctx.rank, ctx.world_size)
 
@@ -178,11 +180,16 @@ class Trainer:
         self.peak = peak_lr(t, self.global_batch)
         self.optimizer = build_optimizer(model, t, self.peak)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        if ctx.is_main:
+            _check_room_for_checkpoints(self.out_dir, model, self.ema, t)
         self.state = TrainState()
         self.total_steps = t.epochs * batches.steps_per_epoch
 
         if resume_from is not None:
             _resume(resume_from, ctx, model, self.ema, self.optimizer, self.scaler, self.state, batches)
+        # Saves are numbered in the order written, on from the folder's and the resumed file's.
+        self.save_number = max(ckpt.next_save_number(ckpt.checkpoint_dir(self.out_dir)),
+                               int(resume_from[1].get("save_number", 0)) + 1 if resume_from else 1)
         # Stats and classes travel with every checkpoint so evaluation needs no training data.
         self.static = {"stats": asdict(data.stats), "classes": list(data.classes)}
 
@@ -198,6 +205,7 @@ class Trainer:
         self.logger = logger if logger is not None else make_logger(
             ctx.is_main, self.out_dir, t.progress_bar, eval_split=eval_split(cfg))
         self.stop = StopSignal()
+        self.signals_received: Dict[int, int] = {}
         self.last_eval: Optional[EvalResult] = None
         self.last_saved: List[Path] = []
 
@@ -250,13 +258,15 @@ class Trainer:
             directory = ckpt.checkpoint_dir(self.out_dir)
             try:
                 self.last_saved[:] = [ckpt.save(directory, payload, self.state.global_step,
-                                                self.t.keep_checkpoints, is_best)]
+                                                self.t.keep_checkpoints, is_best, self.save_number)]
             except OSError as exc:
                 # The write goes to a temporary file first: the previous checkpoint is intact.
                 previous = self.last_saved[0] if self.last_saved else "none"
+                size = len(ckpt.encode(payload)) / 2**20
                 raise UserError(f"cannot write a checkpoint in '{directory}' ({exc.strerror}); free space there "
-                                f"(a checkpoint is about {len(ckpt.encode(payload)) // 2**20 + 1} MB) and continue "
+                                f"(each checkpoint file takes {size:.1f} MB) and continue "
                                 f"with --resume; the previous checkpoint is intact: {previous}") from None
+        self.save_number += 1
         ctx.barrier()
 
     def _on_sync(self, st: TrainState, read: Dict[str, float]) -> bool:
@@ -275,12 +285,16 @@ class Trainer:
         t = self.t
         if t.stop_after_steps and self.state.global_step >= t.stop_after_steps:
             return True  # the same on every rank: no need to ask the others
-        # Signals reach the ranks at different steps: they agree at this sync step.
-        flag = torch.tensor(1 if self.stop.received is not None else 0, device=self.ctx.device)
-        return bool(self.ctx.max(flag))
+        # Signals reach the ranks at different steps: they agree at this sync step, and
+        # every rank learns which rank got which signal (for the message).
+        received = torch.zeros(self.ctx.world_size, dtype=torch.int64, device=self.ctx.device)
+        received[self.ctx.rank] = self.stop.received or 0
+        agreed = self.ctx.max(received).tolist()
+        self.signals_received = {rank: signum for rank, signum in enumerate(agreed) if signum}
+        return bool(self.signals_received)
 
     def _interrupt(self) -> None:
-        reason = _stop_reason(self.stop, self.t.stop_after_steps)
+        reason = _stop_reason(self.signals_received, self.ctx.world_size, self.t.stop_after_steps)
         self.logger.message(f"{reason} at step {self.state.global_step}; checkpoint in "
                             f"{ckpt.checkpoint_dir(self.out_dir)}; continue with train.resume=auto")
         raise Preempted()
@@ -394,8 +408,17 @@ class Trainer:
 
 
 def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> Dict[str, Any]:
-    """Train as `cfg` says; returns the final metrics (on every rank)."""
-    return Trainer(cfg, ctx, logger).fit()
+    """Train as `cfg` says; returns the final metrics (on every rank). Rank 0, which writes
+    everything, holds out_dir for the whole run (lock.hold): no other run can write there."""
+    held = None
+    if ctx.is_main:  # find out now, not after loading the data
+        check_writable_folder(Path(cfg.out_dir), "out_dir")
+        held = out_dir_lock.hold(Path(cfg.out_dir))
+    try:
+        return Trainer(cfg, ctx, logger).fit()
+    finally:
+        if held is not None:
+            held.release()
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -409,19 +432,27 @@ def weights_digest(model: nn.Module) -> str:
 
 def _inject_test_fault(global_step: int, ctx: DistContext) -> None:
     """Fault injection for the recovery tests: CIFAR_DDP_TEST_SIGKILL="RANK:STEP" makes
-    that rank SIGKILL itself after that step, in the first attempt only. Unset in real runs."""
-    spec = os.environ.get("CIFAR_DDP_TEST_SIGKILL")
-    if not spec or ctx.restart_count:
-        return
-    kill_rank, kill_step = (int(v) for v in spec.split(":"))
-    if ctx.rank == kill_rank and global_step == kill_step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    that rank SIGKILL itself after that step, in the first attempt only;
+    CIFAR_DDP_TEST_SIGNAL="RANK:STEP:SIGTERM" sends it that signal instead. Unset in real runs."""
+    for variable in ("CIFAR_DDP_TEST_SIGKILL", "CIFAR_DDP_TEST_SIGNAL"):
+        spec = os.environ.get(variable)
+        if not spec or ctx.restart_count:
+            continue
+        kill_rank, kill_step, *name = spec.split(":")
+        if ctx.rank == int(kill_rank) and global_step == int(kill_step):
+            os.kill(os.getpid(), signal.Signals[name[0]] if name else signal.SIGKILL)
 
 
-def _stop_reason(stop: StopSignal, stop_after_steps: int) -> str:
-    if stop.received is not None:
-        return f"stopped by {signal.Signals(stop.received).name}"
-    return f"stopped as asked by train.stop_after_steps={stop_after_steps}"
+def _stop_reason(signals_received: Dict[int, int], world_size: int, stop_after_steps: int) -> str:
+    """`signals_received`: rank -> the signal it got, as the ranks agreed at a sync step."""
+    if not signals_received:
+        return f"stopped as asked by train.stop_after_steps={stop_after_steps}"
+    names = " and ".join(sorted({signal.Signals(s).name for s in signals_received.values()}))
+    if world_size == 1:
+        return f"stopped by {names}"
+    ranks = sorted(signals_received)
+    return (f"stopped by {names}, sent to rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+            + (" (the others stopped with it)" if len(ranks) < world_size else ""))
 
 
 def _preview(data: DatasetArrays, cfg: Config) -> torch.Tensor:
@@ -451,6 +482,29 @@ def _requested_resume(cfg: Config, ctx: DistContext) -> str:
         # torchrun restarted the group after a worker died: pick up where it left off.
         return "auto"
     return cfg.train.resume
+
+
+def checkpoint_size(model: nn.Module, ema: Optional[nn.Module], t) -> int:
+    """About the bytes of one checkpoint file: the weights, the EMA's, the optimizer's
+    per-weight state (SGD's momentum, AdamW's two moments); the rest is small."""
+    def size(tensors) -> int:
+        return sum(x.numel() * x.element_size() for x in tensors)
+    per_weight = 2 if t.optimizer == "adamw" else 1 if t.momentum > 0 else 0
+    return (size(model.state_dict().values()) + (size(ema.state_dict().values()) if ema is not None else 0)
+            + per_weight * size(model.parameters()) + 64 * 1024)
+
+
+def _check_room_for_checkpoints(out_dir: Path, model: nn.Module, ema: Optional[nn.Module], t) -> None:
+    """A disk too full for the first checkpoints stops the run before it trains, not after."""
+    import shutil
+
+    size = checkpoint_size(model, ema, t)
+    need = 3 * size                                     # a step file, last.pt and best.pt
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise UserError(f"out_dir '{out_dir}' has {free / 2**20:.1f} MB free; this run's first checkpoints need "
+                        f"about {need / 2**20:.1f} MB ({size / 2**20:.1f} MB each: a step file, last.pt and best.pt); "
+                        "free space there or pick another out_dir=...")
 
 
 def _refuse_to_overwrite(cfg: Config, ctx: DistContext) -> None:
@@ -484,6 +538,9 @@ def _resume_source(cfg: Config, ctx: DistContext) -> Optional[Tuple[Path, Dict[s
                             f"(it is '{cfg.out_dir}'), or leave out --resume to start a new run there")
         return None
     path = Path(resume)
+    if path.is_dir():
+        raise UserError(f"train.resume='{resume}' is a folder; pass a checkpoint file in it, e.g. "
+                        f"train.resume={path / 'last.pt'}, or train.resume=auto for the newest one of out_dir")
     if not path.is_file():
         raise UserError(f"train.resume='{resume}' does not exist; pass a checkpoint file or train.resume=auto")
     return path, ckpt.load_file(path)

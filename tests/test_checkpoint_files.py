@@ -27,7 +27,7 @@ def trained(tmp_path_factory) -> Path:
 
 def test_every_checkpoint_is_a_plain_torch_file_with_its_checksum(trained: Path):
     files = sorted(trained.glob("*.pt"))
-    assert {p.name for p in files} >= {"last.pt", "best.pt", "step-00000012.pt"}
+    assert {p.name for p in files} >= {"last.pt", "best.pt", "save-000002-step-00000012.pt"}
     for path in files:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         digest, name = ckpt.checksum_path(path).read_text().split()
@@ -73,7 +73,7 @@ def test_a_byte_changed_in_place_is_caught_and_resume_falls_back(tmp_path: Path)
     out = tmp_path / "run"
     train_in_process(out, **{"train.epochs": 2, "train.keep_checkpoints": 2})
     directory = ckpt.checkpoint_dir(out)
-    for name in ("last.pt", "best.pt", "step-00000012.pt"):
+    for name in ("last.pt", "best.pt", "save-000002-step-00000012.pt"):
         path = directory / name
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x01       # one bit, inside the tensors' bytes, same length
@@ -82,7 +82,7 @@ def test_a_byte_changed_in_place_is_caught_and_resume_falls_back(tmp_path: Path)
             ckpt.load_file(path)
     with pytest.warns(UserWarning, match="cannot be used"):
         found = ckpt.find_resumable(directory)
-    assert found is not None and found[0].name == "step-00000006.pt"
+    assert found is not None and found[0].name == "save-000001-step-00000006.pt"
 
 
 def test_old_format_is_read_with_a_note_and_upgraded_to_a_plain_file(trained: Path, tmp_path: Path):

@@ -11,7 +11,8 @@ from conftest import REPO
 def test_defaults_then_file_then_overrides():
     cfg = load_config(REPO / "configs" / "seed.yaml", ["train.epochs=3", "data.source=fake", "train.lr=0.05"])
     assert cfg.train.epochs == 3 and cfg.data.source == "fake" and cfg.train.lr == 0.05
-    assert cfg.model.widths == [16, 32, 64]
+    # From the file alone (the default is no rule), through its rules: rules/seed.yaml.
+    assert cfg.model.name == "seed" and cfg.rules.min_receptive_field == 91
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
@@ -97,3 +98,32 @@ def test_round_trip_through_dict():
 def test_a_folder_given_as_config_is_named_as_a_folder(tmp_path: Path):
     with pytest.raises(ConfigError, match="is a folder; pass a YAML file"):
         load_config(tmp_path)
+
+
+def test_every_optimizer_argument_is_checked_before_torch_sees_it():
+    # torch.optim.SGD's own ValueError ("Invalid momentum value") would be a traceback.
+    for momentum in ("-0.5", "1"):
+        with pytest.raises(ConfigError, match=rf"train.momentum is {float(momentum)}; it must be in \[0, 1\)"):
+            load_config(None, [f"train.momentum={momentum}", "train.nesterov=false"])
+    assert load_config(None, ["train.momentum=0", "train.nesterov=false"]).train.momentum == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  epochs: 3\n  epochs: 4\n", r"not valid YAML: key 'epochs' is given twice at line 3, column 3$"),
+    ("train:\n  epochs: [3\n", r"not valid YAML: .* at line \d+, column \d+$"),
+    ("train: {epochs: 3, epochs: 3}\n", "key 'epochs' is given twice"),
+])
+def test_a_duplicate_key_or_invalid_yaml_is_one_line(tmp_path: Path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+
+
+def test_an_empty_config_file_says_the_defaults_are_used(tmp_path: Path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing yet\n")
+    with pytest.warns(UserWarning, match="is empty: the defaults are used"):
+        cfg = load_config(path, ["train.epochs=3"])
+    assert cfg.train.epochs == 3 and cfg.train.batch_size == 256

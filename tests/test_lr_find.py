@@ -41,3 +41,39 @@ def test_lr_find_under_torchrun_two_processes(tmp_path: Path):
     done = run_job(argv)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("suggested peak LR") == 1 and plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("out, written", [("plots", "plots/lr_find.png"), ("sweep", "sweep.png"),
+                                          ("sweep.txt", None)])
+def test_the_plot_goes_where_the_message_says_and_a_non_picture_suffix_is_refused(tmp_path: Path, capsys,
+                                                                                 out, written):
+    from cifar_ddp.launcher import run_lr_find
+
+    (tmp_path / "plots").mkdir()
+    code = run_lr_find(None, tiny_overrides(tmp_path / "run"), steps=10, start=1e-3, end=1.0,
+                       out=str(tmp_path / out))
+    captured = capsys.readouterr()
+    if written is None:
+        errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and "ends in .txt, which is not a picture format" in errors[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]
+        return
+    assert code == 0, captured.err[-2000:]
+    assert f"; plot: {tmp_path / written}\n" in captured.out and (tmp_path / written).stat().st_size > 0
+
+
+def test_a_full_disk_while_saving_the_plot_gives_advice_for_lr_find(tmp_path: Path, capsys, monkeypatch):
+    import errno
+
+    from cifar_ddp import report
+    from cifar_ddp.launcher import run_lr_find
+
+    def full(fig, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "save", full)
+    code = run_lr_find(None, tiny_overrides(tmp_path / "run"), steps=10, start=1e-3, end=1.0,
+                       out=str(tmp_path / "sweep.png"))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and errors == [f"error: cannot write '{tmp_path / 'sweep.png'}' (No space left on device); free "
+                                    "space there or pick another folder, then run lr_find again"]

@@ -1,6 +1,7 @@
 """Faults: killed workers, preemption, interrupted saves, damaged checkpoints, NaN, bad input."""
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from cifar_ddp import checkpoint as ckpt
+from cifar_ddp import lock
 from cifar_ddp.engine import NonFiniteLoss
 from cifar_ddp.errors import UserError
 from cifar_ddp.trainer import Preempted
@@ -54,7 +56,7 @@ def test_signal_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path: Pat
     process = subprocess.Popen(train_cmd(*tiny_overrides(out, **settings)), cwd=REPO, env=job_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(ckpt.checkpoint_dir(out) / "step-00000008.pt", process)
+        wait_for(ckpt.checkpoint_dir(out) / ckpt.step_file_name(1, 8), process)
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=JOB_TIMEOUT_S)
     finally:
@@ -74,6 +76,7 @@ import os, sys, torch
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from cifar_ddp import checkpoint as ckpt
+from cifar_ddp import lock
 directory = Path({directory!r})
 ckpt.save(directory, {{"value": torch.zeros(3)}}, 1, keep=2, is_best=False)
 real_fsync = os.fsync
@@ -99,9 +102,9 @@ def test_save_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_path: Pat
 
 @pytest.mark.parametrize("damaged, expected", [
     # The newest step file is truncated but last.pt holds the same step intact: use it.
-    (["step-00000012.pt"], ("last.pt", 12)),
+    (["save-000002-step-00000012.pt"], ("last.pt", 12)),
     # Everything at step 12 is damaged (best.pt too, whichever step it holds): step 6 is left.
-    (["step-00000012.pt", "last.pt", "best.pt"], ("step-00000006.pt", 6)),
+    (["save-000002-step-00000012.pt", "last.pt", "best.pt"], ("save-000001-step-00000006.pt", 6)),
 ])
 def test_resume_takes_the_newest_intact_checkpoint_with_warning(tmp_path: Path, damaged, expected):
     out = tmp_path / "run"
@@ -248,6 +251,9 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous_chec
     with pytest.raises(UserError, match=r"cannot write a checkpoint in .*No space left on device.*free space") as info:
         train_in_process(out, **{"train.epochs": 2})
     assert "step-00000006.pt" in str(info.value)
+    # The real size of a checkpoint file, not a rounded-up guess.
+    size = (ckpt.checkpoint_dir(out) / "last.pt").stat().st_size / 2**20
+    assert f"each checkpoint file takes {size:.1f} MB" in str(info.value)
     assert ckpt.load_file(ckpt.checkpoint_dir(out) / "last.pt")["train_state"]["global_step"] == 6
     assert not list(ckpt.checkpoint_dir(out).glob(".*.tmp"))
 
@@ -277,3 +283,129 @@ def test_a_preempted_rank_stopped_during_teardown_still_exits_resumable():
     done = subprocess.run([sys.executable, "-c", SIGTERM_DURING_TEARDOWN.format(repo=str(REPO))],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 75, (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.slow
+def test_the_resume_after_a_larger_global_batch_is_the_one_the_next_resume_takes(tmp_path: Path):
+    """Step numbers are not comparable across global batches: epoch 3 under two ranks ends
+    at step 9, before the one-process run's step 12. The save number orders them."""
+    out = tmp_path / "run"
+    train_in_process(out, **{"train.epochs": 2})          # 96 images, batch 16: 6 steps per epoch
+    directory = ckpt.checkpoint_dir(out)
+    # As an earlier version left it: step-<step>.pt names, no save numbers (still read).
+    payload = ckpt.load_file(directory / "last.pt")
+    del payload["save_number"]
+    for path in directory.iterdir():
+        path.unlink()
+    ckpt.write_file(directory / "step-00000012.pt", ckpt.encode(payload))
+    ckpt.write_file(directory / "last.pt", ckpt.encode(payload))
+
+    wider = run_job(torchrun(2, tiny_overrides(out, **{"train.epochs": 3, "train.resume": "auto"})))
+    assert wider.returncode == 0, wider.stderr[-3000:]
+    assert f"resumed from {directory / 'step-00000012.pt'} at epoch 3, step 0" in wider.stdout
+    # Global batch 32: 3 steps per epoch, epoch 3 ends at step 9, saved as the folder's first numbered save.
+    assert [p.name for _, p in ckpt.step_files(directory)] == ["save-000001-step-00000009.pt", "step-00000012.pt"]
+    found = ckpt.find_resumable(directory)
+    assert found is not None and found[0].name == "save-000001-step-00000009.pt"
+    assert found[1]["train_state"]["epoch"] == 3 and found[1]["save_number"] == 1
+
+    result = train_in_process(out, **{"train.epochs": 4, "train.resume": "auto"})
+    assert result["epochs"] == 4 and result["global_step"] == 24   # epoch 4 at 6 steps: 18 + 6
+    final = ckpt.load_file(directory / "last.pt")
+    assert [row["epoch"] for row in final["train_state"]["history"]] == [1, 2, 3, 4]
+    assert final["save_number"] == 2
+
+
+def test_a_running_training_holds_its_out_dir_against_a_second_run_a_report_and_a_plot(tmp_path: Path):
+    out = tmp_path / "run"
+    # Far longer than the test: it is killed once the others have tried.
+    settings = {"data.fake_size": 4096, "train.epochs": 50, "train.checkpoint_every_steps": 2,
+                "train.log_every_steps": 2}
+    first = subprocess.Popen(train_cmd(*tiny_overrides(out, **settings)), cwd=REPO, env=job_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        step_file = ckpt.checkpoint_dir(out) / ckpt.step_file_name(1, 2)
+        wait_for(step_file, first)
+        others = {
+            "out_dir": train_cmd(*tiny_overrides(out, **settings, **{"train.resume": "auto"})),
+            "--report": [sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint",
+                         str(step_file.with_name("last.pt")),   # replaced atomically; step files are pruned
+                         "--report", str(out / "report")],
+            "--out folder": [sys.executable, str(REPO / "launch" / "lr_find.py"), "--config", "configs/smoke.yaml",
+                             "--steps", "10", "--out", str(out / "lr.png"), *tiny_overrides(tmp_path / "other")],
+        }
+        started = {what: subprocess.Popen(argv, cwd=REPO, env=job_env(), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True) for what, argv in others.items()}
+        # A refusal takes an interpreter's start-up; a run that is let in would take minutes.
+        done = {what: process.communicate(timeout=120)[1] for what, process in started.items()}
+        done = {what: (started[what].returncode, stderr) for what, stderr in done.items()}
+        assert first.poll() is None, "the first run ended before the others tried"
+    finally:
+        for process in [first, *locals().get("started", {}).values()]:
+            process.kill()
+            process.wait(timeout=JOB_TIMEOUT_S)
+    holder = f"pid {first.pid} on host {socket.gethostname()}"
+    for what, (code, stderr) in done.items():
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, (what, stderr[-2000:])
+        assert errors[0].startswith(f"error: {what} '{out}") and holder in errors[0], errors[0]
+        assert "a training run that is running now" in errors[0]
+    assert not (out / "report").exists() and not (out / "lr.png").exists()
+    assert len(list((out / "tensorboard").glob("events.*"))) == 1     # the second run wrote nothing
+    # SIGKILLed, the first run left its holder note, but the kernel dropped the lock itself.
+    assert (out / lock.HOLDER_FILE).is_file()
+    lock.hold(out).release()
+    assert not (out / lock.HOLDER_FILE).exists() and (out / "config.json").is_file()
+
+
+def test_a_failed_start_leaves_no_folder_and_no_lock(tmp_path: Path):
+    out = tmp_path / "deep" / "run"
+    with pytest.raises(UserError, match="does not exist"):
+        train_in_process(out, **{"data.source": "folder", "data.root": str(tmp_path / "no_data")})
+    assert not (tmp_path / "deep").exists()
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_both_and_the_message_names_the_signal_and_the_rank(tmp_path: Path):
+    out = tmp_path / "run"
+    # 96 images over 2 ranks, batch 16: 3 steps per epoch; rank 1 alone gets SIGTERM after step 4.
+    settings = {"train.epochs": 3, "train.log_every_steps": 1}
+    done = run_job(torchrun(2, tiny_overrides(out, **settings)), env=job_env({"CIFAR_DDP_TEST_SIGNAL": "1:4:SIGTERM"}))
+    assert "stopped by SIGTERM, sent to rank 1 (the others stopped with it) at step 4" in done.stdout, \
+        done.stdout[-2000:] + done.stderr[-2000:]
+    assert "stop_after_steps" not in done.stdout
+    assert ckpt.load_file(ckpt.checkpoint_dir(out) / "last.pt")["train_state"]["global_step"] == 4
+
+
+def test_a_disk_too_full_for_the_checkpoints_stops_at_start_naming_the_folder_and_leaves_nothing(tmp_path: Path,
+                                                                                                 monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    train_in_process(tmp_path / "real", **{"train.epochs": 1})
+    real_size = (ckpt.checkpoint_dir(tmp_path / "real") / "last.pt").stat().st_size / 2**20
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    out = tmp_path / "deep" / "run"
+    with pytest.raises(UserError, match=rf"out_dir '{out}' has 1.0 MB free; this run's first checkpoints need "
+                                        r"about [\d.]+ MB \(([\d.]+) MB each") as info:
+        train_in_process(out)
+    estimate = float(str(info.value).split("MB (")[1].split(" MB each")[0])
+    assert abs(estimate - real_size) <= 0.1, (estimate, real_size)
+    assert not (tmp_path / "deep").exists()
+
+
+def test_a_full_disk_at_the_folder_check_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch):
+    import errno
+    import os
+
+    from cifar_ddp.files import check_writable_folder
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match=rf"out_dir '{tmp_path / 'run'}' cannot be written \(No space left on device "
+                                        rf"in '{tmp_path}'\); free space there or pick another out_dir$"):
+        check_writable_folder(tmp_path / "run", "out_dir")
+    assert list(tmp_path.iterdir()) == []

@@ -16,8 +16,8 @@ from cifar_ddp.evaluation import evaluate_checkpoint
 from cifar_ddp.errors import UserError
 from cifar_ddp.trainer import Preempted
 
-from conftest import (REPO, assert_bitwise_equal, final_weights, make_image_folder, run_job, train_cmd,
-                      train_in_process)
+from conftest import (REPO, assert_bitwise_equal, final_weights, make_image_folder, run_job, tiny_overrides,
+                      train_cmd, train_in_process)
 
 
 def test_run_writes_checkpoints_logs_and_tensorboard(tmp_path: Path):
@@ -180,6 +180,33 @@ def test_batch_larger_than_split_is_refused_before_training(tmp_path: Path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_more_ranks_than_a_batch_of_images_each_is_refused(tmp_path: Path):
+    # 5 images over 3 ranks: the sampler would pad each shard to 2, so a rank's batch of 2
+    # would be partly a repeated image. (Collectives are no-ops without a process group.)
+    from cifar_ddp.config import load_config
+    from cifar_ddp.trainer import run
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.fake_size": 5, "train.batch_size": 2}))
+    with pytest.raises(UserError, match=r"batch_size=2 is larger than the 1 training images each of the 3 "
+                                        r"process\(es\) gets \(5 in all\)"):
+        run(cfg, DistContext(world_size=3))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.root", "data.root '{file}' is a file, not a folder; point it at the folder that holds train/ and test/"),
+    ("train.resume", "train.resume='{folder}' is a folder; pass a checkpoint file in it, e.g. "
+                     "train.resume={folder}/last.pt"),
+])
+def test_a_file_or_folder_in_the_wrong_place_is_named_for_what_it_is(tmp_path: Path, setting, message):
+    (tmp_path / "a_file").write_text("")
+    value = tmp_path / ("a_file" if setting == "data.root" else "")
+    extra = {"data.source": "folder"} if setting == "data.root" else {}
+    with pytest.raises(UserError) as info:
+        train_in_process(tmp_path / "run", **extra, **{setting: str(value).rstrip("/")})
+    assert str(info.value).startswith(message.format(file=value, folder=str(tmp_path)))
+
+
 def test_cli_reports_bad_override_without_traceback(tmp_path: Path):
     done = run_job(train_cmd("--config", "configs/smoke.yaml", "train.epoch=3", f"out_dir={tmp_path}"))
     assert done.returncode == 2
@@ -204,3 +231,12 @@ def test_ema_decay_warms_up_then_holds():
     # Early on the average stays close to the current weights instead of the initial ones.
     assert (model[0].weight - ema.module[0].weight).abs().max() < 25
     assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked
+
+
+def test_evaluate_refuses_a_negative_gallery(tmp_path: Path, capsys):
+    from cifar_ddp.launcher import run_evaluation
+
+    code = run_evaluation(str(tmp_path / "any.pt"), [], False, False, report_dir=str(tmp_path / "report"), gallery=-1)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and errors == ["error: --gallery is -1; it is how many mistakes the report shows, 0 or more"]
+    assert list(tmp_path.iterdir()) == []

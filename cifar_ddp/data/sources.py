@@ -179,6 +179,9 @@ def _load_fake(cfg: DataConfig, split: str, num_classes: int, seed: int) -> Imag
 
 
 def _load_split(cfg: DataConfig, split: str, classes: Sequence[str], seed: int) -> ImageSplit:
+    if cfg.source != "fake" and Path(cfg.root).is_file():
+        raise DataError(f"data.root '{cfg.root}' is a file, not a folder; point it at the folder that holds "
+                        + ("train/ and test/" if cfg.source == "folder" else "cifar-10-batches-py (or will)"))
     if cfg.source == "cifar10":
         return _load_cifar10(cfg, split)
     if cfg.source == "folder":
