@@ -87,6 +87,7 @@ CONF
 
     # The job scripts reach the first node by its name, as on a real cluster.
     if ! getent hosts n1 >/dev/null || ! getent hosts n2 >/dev/null; then
+        [ -z "$(tail -c 1 /etc/hosts)" ] || echo >> /etc/hosts
         echo "$hosts_line" >> /etc/hosts
         touch "$dir/added-hosts-line"
     fi
@@ -121,9 +122,9 @@ job_processes() {
     for environ in /proc/[0-9]*/environ; do
         pid=${environ#/proc/}; pid=${pid%/environ}
         [ "$pid" != $$ ] || continue
-        if tr '\0' '\n' < "$environ" 2>/dev/null | grep -qxF "SLURM_CONF=$conf"; then
-            # Only job steps' processes: they have SLURM_JOB_ID too (this script and the tests do not).
-            tr '\0' '\n' < "$environ" 2>/dev/null | grep -q '^SLURM_JOB_ID=' && echo "$pid"
+        # Only job steps' processes: they have SLURM_JOB_ID too (this script and the tests do not).
+        if grep -qzxF "SLURM_CONF=$conf" "$environ" 2>/dev/null && grep -qz '^SLURM_JOB_ID=' "$environ" 2>/dev/null; then
+            echo "$pid"
         fi
     done
 }
