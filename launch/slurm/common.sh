@@ -36,11 +36,12 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS
 #     PreemptMode=REQUEUE; a cancelled job does not).
 #   - A step that fails for any other reason is not requeued: the job fails with its status.
 run_step() {
-    local stop_asked=0 step rc again
+    local stop_asked=0 got_term=0 step rc again
     trap 'stop_asked=1
           echo "cifar_ddp: USR1 at $(date +%T): checkpointing at the next sync step, then requeueing" >&2
           scancel --signal=TERM "$SLURM_JOB_ID"' USR1
-    trap 'echo "cifar_ddp: SIGTERM at $(date +%T): the ranks checkpoint and stop" >&2
+    trap 'got_term=1
+          echo "cifar_ddp: SIGTERM at $(date +%T): the ranks checkpoint and stop" >&2
           if past_time_limit; then stop_asked=1; fi' TERM
     echo "cifar_ddp: job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST" \
          "($NPROC_PER_NODE per node, head $HEAD_NODE:$PORT)" >&2
@@ -58,6 +59,10 @@ run_step() {
     if [ "$rc" -eq 0 ]; then
         exit 0
     fi
+    if [ "$stop_asked" -eq 0 ] && [ "$got_term" -eq 1 ]; then
+        echo "cifar_ddp: stopped by SIGTERM (status $rc); SLURM decides whether the job comes back" >&2
+        exit "$rc"
+    fi
     if [ "$stop_asked" -eq 0 ]; then
         echo "cifar_ddp: the job step failed (status $rc); not requeued" >&2
         exit "$rc"
@@ -66,7 +71,7 @@ run_step() {
         echo "cifar_ddp: stopped, but already requeued $MAX_REQUEUES times (MAX_REQUEUES); not requeued" >&2
         exit 75
     fi
-    echo "cifar_ddp: checkpoint written; requeueing job $SLURM_JOB_ID" >&2
+    echo "cifar_ddp: stopped (status $rc); requeueing job $SLURM_JOB_ID" >&2
     scontrol requeue "$SLURM_JOB_ID" || echo "cifar_ddp: scontrol requeue failed; resubmit to continue" >&2
     exit 75
 }
