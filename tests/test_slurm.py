@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import pytest
 
@@ -89,9 +89,10 @@ def job_records(env: Dict[str, str], job_id: str) -> List[Dict[str, str]]:
 
 
 def wait_for_job(env: Dict[str, str], job_id: str, output: Path, timeout: float = JOB_DEADLINE_S,
-                 on_running=None) -> List[Dict[str, str]]:
+                 on_running=None, requeued_update: Sequence[str] = ()) -> List[Dict[str, str]]:
     """Every record of `job_id` once all have ended. A requeued job waits about two minutes
-    (BeginTime) before it may start again: the test lets it start at once."""
+    (BeginTime) before it may start again: the test lets it start at once, and changes
+    `requeued_update` (scontrol update settings) too."""
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -100,8 +101,8 @@ def wait_for_job(env: Dict[str, str], job_id: str, output: Path, timeout: float 
                 return records
             for record in records:
                 if record["JobState"] == "PENDING" and record.get("Reason") == "BeginTime":
-                    subprocess.run(["scontrol", "update", f"JobId={record['JobId']}", "StartTime=now"], env=env,
-                                   capture_output=True, timeout=30)
+                    subprocess.run(["scontrol", "update", f"JobId={record['JobId']}", "StartTime=now",
+                                    *requeued_update], env=env, capture_output=True, timeout=30)
                 if record["JobState"] == "RUNNING" and on_running is not None and on_running(record):
                     on_running = None
             assert time.monotonic() < deadline, f"job {job_id} did not end in {timeout}s: {records}\n{_tail(output)}"
@@ -172,9 +173,10 @@ def test_job_array_trains_one_run_per_task(cluster, tmp_path: Path):
     assert not (tmp_path / "ignored").exists()
 
 
-# 2 ranks x batch 16 over 1024 images: 32 steps per epoch, 96 in all. In a job's first
-# start every step waits 1 s (tests/slurm/throttle), so the scheduler meets it mid-run.
-LONG = {"data.fake_size": 1024, "train.epochs": 3, "train.checkpoint_every_steps": 8, "train.log_every_steps": 1}
+# 2 ranks x batch 16 over 256 images: 8 steps per epoch, 24 in all. In a job's first
+# start every step waits 2.5 s (tests/slurm/throttle), so the scheduler meets it mid-run;
+# later starts run at full speed.
+LONG = {"data.fake_size": 256, "train.epochs": 3, "train.checkpoint_every_steps": 4, "train.log_every_steps": 1}
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +188,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 def requeue_env(cluster: Dict[str, str]) -> Dict[str, str]:
-    env = slurm_env(cluster, NPROC_PER_NODE="2", CIFAR_DDP_TEST_STEP_SLEEP="1")
+    env = slurm_env(cluster, NPROC_PER_NODE="2", CIFAR_DDP_TEST_STEP_SLEEP="2.5")
     env["PYTHONPATH"] = str(THROTTLE) + os.pathsep + env["PYTHONPATH"]
     return env
 
@@ -206,7 +208,7 @@ def check_resumed_and_complete(out: Path, output: Path, records: List[Dict[str, 
 def test_a_job_requeued_by_the_scheduler_resumes_and_completes(cluster, uninterrupted, tmp_path: Path):
     env, output, out = requeue_env(cluster), tmp_path / "slurm.out", tmp_path / "run"
     job = sbatch(env, ["-o", str(output)], "torchrun.sbatch", tiny_overrides(out, **LONG))
-    first_checkpoint = ckpt.checkpoint_dir(out) / "step-00000008.pt"
+    first_checkpoint = ckpt.checkpoint_dir(out) / "step-00000004.pt"
 
     def requeue_once_checkpointed(record: Dict[str, str]) -> bool:
         # What preemption with PreemptMode=REQUEUE does: SIGTERM to every process, SIGKILL after KillWait.
@@ -224,13 +226,15 @@ def test_a_job_requeued_by_the_scheduler_resumes_and_completes(cluster, uninterr
 @pytest.mark.slow
 def test_the_signal_before_the_time_limit_checkpoints_and_requeues(cluster, uninterrupted, tmp_path: Path):
     # SLURM checks time limits every 30 s: with --time=1 the USR1 comes 20 to 50 s after
-    # the start (seen on 22.05), well before the 96 s the first start would need.
+    # the start (seen on 22.05), well before the 60 s of steps the first start would need. Each
+    # start would get as little, mostly spent starting Python: once requeued, the job
+    # gets a longer limit.
     env, output, out = requeue_env(cluster), tmp_path / "slurm.out", tmp_path / "run"
     job = sbatch(env, ["--time=1", "--signal=B:USR1@10", "-o", str(output)], "torchrun.sbatch",
                  tiny_overrides(out, **LONG))
-    records = wait_for_job(env, job, output)
+    records = wait_for_job(env, job, output, requeued_update=["TimeLimit=10"])
     text = output.read_text()
-    assert "USR1" in text and "requeueing job" in text, _tail(output)
+    assert "USR1" in text and "stopped by SIGTERM" in text and "requeueing job" in text, _tail(output)
     check_resumed_and_complete(out, output, records, uninterrupted)
 
 
