@@ -246,3 +246,26 @@ def test_a_run_that_fails_otherwise_is_not_requeued(cluster, tmp_path: Path):
     (record,) = wait_for_job(env, job, output)
     assert record["JobState"] == "FAILED" and record["Restarts"] == "0", record
     assert "not requeued" in output.read_text() and "train.epochs" in output.read_text()
+
+
+@pytest.mark.slow
+def test_a_cancelled_job_checkpoints_and_is_not_requeued(cluster, tmp_path: Path):
+    env, output, out = requeue_env(cluster), tmp_path / "slurm.out", tmp_path / "run"
+    job = sbatch(env, ["-o", str(output)], "torchrun.sbatch", tiny_overrides(out, **LONG))
+
+    def cancel_once_checkpointed(record: Dict[str, str]) -> bool:
+        if not (ckpt.checkpoint_dir(out) / "step-00000004.pt").exists():
+            return False
+        subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
+        return True
+
+    wait_for_job(env, job, output, on_running=cancel_once_checkpointed)
+    # The batch script decides after its step has ended: wait for its last word.
+    deadline = time.monotonic() + 60
+    while "SLURM decides" not in output.read_text():
+        assert time.monotonic() < deadline, _tail(output)
+        time.sleep(0.5)
+    time.sleep(2)
+    (record,) = job_records(env, job)
+    assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0"), record
+    assert "stopped by SIGTERM" in output.read_text() and "requeueing" not in output.read_text()

@@ -76,9 +76,17 @@ run_step() {
     exit 75
 }
 
-# True when the job's time limit has passed (its SIGTERM is then the limit's, not scancel's).
+# True when the job's time limit has passed (its SIGTERM is then the limit's, not scancel's):
+# StartTime + TimeLimit, since a cancelled job's EndTime is the moment it was cancelled.
 past_time_limit() {
-    local end
-    end=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'EndTime=[^ ]*' | cut -d= -f2)
-    [ -n "$end" ] && [ "$end" != Unknown ] && [ "$(date -d "$end" +%s)" -le "$(date +%s)" ]
+    local info start limit days=0 h m sec
+    info=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) || return 1
+    start=$(grep -o ' StartTime=[^ ]*' <<< "$info" | cut -d= -f2)
+    limit=$(grep -o ' TimeLimit=[^ ]*' <<< "$info" | cut -d= -f2)
+    case $limit in *[0-9]:[0-9]*) ;; *) return 1 ;; esac   # UNLIMITED, Partition_Limit, ...
+    if [[ $limit == *-* ]]; then days=${limit%%-*}; limit=${limit#*-}; fi
+    IFS=: read -r h m sec <<< "$limit"
+    [ -n "$sec" ] || { sec=$m; m=$h; h=0; }                   # mm:ss
+    limit=$(( ((10#$days * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$sec ))
+    [ $(( $(date -d "$start" +%s) + limit )) -le "$(date +%s)" ]
 }
