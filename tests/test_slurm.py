@@ -91,9 +91,11 @@ def job_records(env: Dict[str, str], job_id: str) -> List[Dict[str, str]]:
 def wait_for_job(env: Dict[str, str], job_id: str, output: Path, timeout: float = JOB_DEADLINE_S,
                  on_running=None, requeued_update: Sequence[str] = ()) -> List[Dict[str, str]]:
     """Every record of `job_id` once all have ended. A requeued job waits about two minutes
-    (BeginTime) before it may start again: the test lets it start at once, and changes
-    `requeued_update` (scontrol update settings) too."""
+    (BeginTime) before it may start again: the test lets it start as soon as the previous
+    start's processes are gone (if it started before, the old batch script's end would
+    count as the new start's), and changes `requeued_update` (scontrol update settings) too."""
     deadline = time.monotonic() + timeout
+    gone_since: Dict[str, float] = {}
     try:
         while True:
             records = job_records(env, job_id)
@@ -101,8 +103,11 @@ def wait_for_job(env: Dict[str, str], job_id: str, output: Path, timeout: float 
                 return records
             for record in records:
                 if record["JobState"] == "PENDING" and record.get("Reason") == "BeginTime":
-                    subprocess.run(["scontrol", "update", f"JobId={record['JobId']}", "StartTime=now",
-                                    *requeued_update], env=env, capture_output=True, timeout=30)
+                    if job_processes(record["JobId"]):
+                        gone_since.pop(record["JobId"], None)
+                    elif time.monotonic() - gone_since.setdefault(record["JobId"], time.monotonic()) > 2:
+                        subprocess.run(["scontrol", "update", f"JobId={record['JobId']}", "StartTime=now",
+                                        *requeued_update], env=env, capture_output=True, timeout=30)
                 if record["JobState"] == "RUNNING" and on_running is not None and on_running(record):
                     on_running = None
             assert time.monotonic() < deadline, f"job {job_id} did not end in {timeout}s: {records}\n{_tail(output)}"
@@ -110,6 +115,18 @@ def wait_for_job(env: Dict[str, str], job_id: str, output: Path, timeout: float 
     except BaseException:
         subprocess.run(["scancel", job_id], env=env, timeout=30)
         raise
+
+
+def job_processes(job_id: str) -> List[int]:
+    """This machine's processes of SLURM job `job_id` (they carry SLURM_JOB_ID)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"\0SLURM_JOB_ID={job_id}\0".encode() in b"\0" + environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            pass  # gone, or not ours to read
+    return found
 
 
 def _tail(output: Path) -> str:
@@ -225,12 +242,15 @@ def test_a_job_requeued_by_the_scheduler_resumes_and_completes(cluster, uninterr
 
 @pytest.mark.slow
 def test_the_signal_before_the_time_limit_checkpoints_and_requeues(cluster, uninterrupted, tmp_path: Path):
-    # SLURM checks time limits every 30 s: with --time=1 the USR1 comes 20 to 50 s after
-    # the start (seen on 22.05), well before the 60 s of steps the first start would need. Each
+    # SLURM checks time limits every 30 s and sends the signal up to 30 s early: with
+    # --time=1 and @1 the USR1 comes 29 to 59 s after the start (seen on 22.05), once the
+    # ranks are training (starting them takes up to 25 s on a busy machine; a signal
+    # before that would find no checkpoint to write) and before the 60 s of steps the
+    # first start would need; the limit's SIGTERM comes 30 s later at the earliest. Each
     # start would get as little, mostly spent starting Python: once requeued, the job
     # gets a longer limit.
     env, output, out = requeue_env(cluster), tmp_path / "slurm.out", tmp_path / "run"
-    job = sbatch(env, ["--time=1", "--signal=B:USR1@10", "-o", str(output)], "torchrun.sbatch",
+    job = sbatch(env, ["--time=1", "--signal=B:USR1@1", "-o", str(output)], "torchrun.sbatch",
                  tiny_overrides(out, **LONG))
     records = wait_for_job(env, job, output, requeued_update=["TimeLimit=10"])
     text = output.read_text()
