@@ -3,7 +3,8 @@
 Works the same under `python` (one process, no process group), `torchrun`
 (one or several nodes) and `accelerate launch` (which starts torchrun's
 machinery underneath): all of them describe the job with RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under SLURM's `srun` without a launcher,
+the job is read from SLURM's own variables instead (`launch_environment`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Optional
+from typing import Any, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -91,9 +93,119 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext, stream: Optional["torch.c
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
+def _env_int(name: str, default: int, env: Mapping[str, str] = os.environ) -> int:
+    value = env.get(name)
     return default if value in (None, "") else int(value)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """The job a launcher described in the environment: who this process is, where rank 0 is."""
+    launcher: str             # "torchrun" (torchrun, accelerate launch) or "srun"
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    restart_count: int = 0    # torchrun's restarts of a failed group
+    agent_store: bool = False  # torchrun's agent already hosts the TCPStore
+
+
+def launch_environment(env: Mapping[str, str] = os.environ) -> Optional[LaunchEnv]:
+    """The one place the launcher's environment is read; None for a plain single process.
+
+    torchrun's variables win: under `srun torchrun ...` the workers see SLURM's too. An
+    `srun` job step of several tasks with no launcher is a job of its own: rank, size and
+    local rank from SLURM, rank 0 on the first node of the step (SLURM's block and cyclic
+    distributions both put task 0 there), and a port derived from the job id unless
+    MASTER_PORT says otherwise. The batch script itself (SLURM_PROCID=0 and the job's
+    SLURM_NTASKS, but no job step) and a one-task step stay plain single-process runs.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env:
+        return LaunchEnv("torchrun", rank=_env_int("RANK", 0, env), world_size=_env_int("WORLD_SIZE", 1, env),
+                         local_rank=_env_int("LOCAL_RANK", 0, env), master_addr=env["MASTER_ADDR"],
+                         master_port=_env_int("MASTER_PORT", 29500, env),
+                         restart_count=_env_int("TORCHELASTIC_RESTART_COUNT", 0, env),
+                         agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true")
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return None
+    world_size = _env_int("SLURM_STEP_NUM_TASKS", _env_int("SLURM_NTASKS", 1, env), env)
+    if world_size < 2:
+        return None
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    if not nodes:
+        raise UserError("srun started several tasks but SLURM_STEP_NODELIST/SLURM_JOB_NODELIST is not set; "
+                        "set MASTER_ADDR, or start the job with torchrun")
+    master_addr = env.get("MASTER_ADDR") or expand_nodelist(nodes)[0]
+    port = _env_int("MASTER_PORT", 0, env) or slurm_port(_env_int("SLURM_JOB_ID", 0, env))
+    return LaunchEnv("srun", rank=_env_int("SLURM_PROCID", 0, env), world_size=world_size,
+                     local_rank=_env_int("SLURM_LOCALID", 0, env), master_addr=master_addr, master_port=port)
+
+
+def slurm_port(job_id: int) -> int:
+    """A rendezvous port for SLURM job `job_id`, the same on every node (launch/slurm/ uses
+    the same rule): 20000-29999, below Linux's ephemeral range (32768-60999), so that an
+    outgoing connection rarely holds it. Two jobs 10000 ids apart on one node collide:
+    set MASTER_PORT for them."""
+    return 20000 + job_id % 10000
+
+
+_HOST_RANGE = re.compile(r"\[([^\[\]]*)\]")
+
+
+def expand_nodelist(nodelist: str) -> List[str]:
+    """SLURM's compressed host list as host names, in order, as `scontrol show hostnames`:
+    `gpu[01-04,07]` -> gpu01 gpu02 gpu03 gpu04 gpu07; `a[1-2]-ib[3-4],b` -> a1-ib3 a1-ib4
+    a2-ib3 a2-ib4 b. Numbers keep the zero padding of the range's first bound."""
+    hosts: List[str] = []
+    for entry in _split_outside_brackets(nodelist):
+        hosts.extend(_expand_entry(entry, nodelist))
+    if not hosts:
+        raise UserError(f"empty SLURM node list {nodelist!r}")
+    return hosts
+
+
+def _split_outside_brackets(text: str) -> List[str]:
+    entries, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise UserError(f"malformed SLURM node list {text!r} (nested or unbalanced brackets)")
+        if char == "," and depth == 0:
+            entries.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise UserError(f"malformed SLURM node list {text!r} (an unclosed '[')")
+    entries.append(text[start:])
+    return [entry.strip() for entry in entries if entry.strip()]
+
+
+def _expand_entry(entry: str, nodelist: str) -> List[str]:
+    match = _HOST_RANGE.search(entry)
+    if match is None:
+        if "]" in entry:
+            raise UserError(f"malformed SLURM node list {nodelist!r} (a ']' without '[')")
+        return [entry]
+    prefix, rest = entry[:match.start()], entry[match.end():]
+    if "]" in prefix:
+        raise UserError(f"malformed SLURM node list {nodelist!r} (a ']' without '[')")
+    tails = _expand_entry(rest, nodelist) if rest else [""]
+    return [prefix + number + tail for number in _expand_range(match.group(1), nodelist) for tail in tails]
+
+
+def _expand_range(ranges: str, nodelist: str) -> List[str]:
+    numbers: List[str] = []
+    for part in ranges.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise UserError(f"malformed SLURM node list {nodelist!r} (range '{part}')")
+        if not dash:
+            numbers.append(low)
+            continue
+        if int(high) < int(low):
+            raise UserError(f"malformed SLURM node list {nodelist!r} (range '{part}' runs backwards)")
+        numbers.extend(str(n).zfill(len(low)) for n in range(int(low), int(high) + 1))
+    return numbers
 
 
 def _select_device(preference: str, local_rank: int) -> torch.device:
@@ -112,32 +224,33 @@ def _select_device(preference: str, local_rank: int) -> torch.device:
 
 def init_distributed(device_preference: str = "auto", timeout_s: float = 300.0) -> DistContext:
     """Join the job described by the launcher's environment (or run alone)."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    device = _select_device(device_preference, local_rank)
+    job = launch_environment()
     # Under a launcher (torchrun, accelerate) the group is formed even for one process, as
     # torchvision's references do: a one-GPU machine then runs the same nccl/DDP path as many.
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-    if not launched:
-        return DistContext(device=device)
+    if job is None:
+        return DistContext(device=_select_device(device_preference, 0))
+    device = _select_device(device_preference, _gpu_index(job))
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = _env_int("MASTER_PORT", 29500)
     timeout = timedelta(seconds=timeout_s)
     # Under torchrun the agent already hosts a TCPStore at MASTER_ADDR:MASTER_PORT and
     # keeps it across restarts; otherwise rank 0 hosts one.
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0 and not agent_store),
-                          timeout=timeout, wait_for_workers=False)
+    store = dist.TCPStore(job.master_addr, job.master_port, job.world_size,
+                          is_master=(job.rank == 0 and not job.agent_store), timeout=timeout, wait_for_workers=False)
     # After torchrun restarts a failed group the agent's store still holds the dead
     # attempt's keys; a fresh namespace per attempt keeps gloo from connecting to them.
-    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
-    store = dist.PrefixStore(f"cifar_ddp/attempt{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
-                       restart_count=attempt)
+    store = dist.PrefixStore(f"cifar_ddp/attempt{job.restart_count}", store)
+    dist.init_process_group(backend, store=store, rank=job.rank, world_size=job.world_size, timeout=timeout)
+    return DistContext(rank=job.rank, world_size=job.world_size, local_rank=job.local_rank, device=device,
+                       backend=backend, restart_count=job.restart_count)
+
+
+def _gpu_index(job: LaunchEnv) -> int:
+    # srun --gpus-per-task=1 (or --gpu-bind) shows each task only its own GPU: it is GPU 0
+    # whatever the task's local id. Otherwise one GPU per local rank, as under torchrun.
+    if job.launcher == "srun" and torch.cuda.is_available() and torch.cuda.device_count() == 1:
+        return 0
+    return job.local_rank
 
 
 def shutdown(ctx: DistContext) -> None:

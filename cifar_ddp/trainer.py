@@ -43,15 +43,16 @@ class Preempted(Exception):
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the ranks agree on at the next sync step, so a
-    step is never cut in half and every rank stops at the same step."""
+    """Turns SIGTERM/SIGINT/SIGUSR1 into a flag the ranks agree on at the next sync step, so
+    a step is never cut in half and every rank stops at the same step. SIGUSR1 is SLURM's
+    warning before the time limit (`--signal=USR1@SECONDS`)."""
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._previous: Dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignal":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
