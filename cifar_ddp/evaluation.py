@@ -33,8 +33,10 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
     model = build_training_model(cfg, ctx)
     ckpt.check_architecture(payload, model.state_dict(), source,
                             advice="(drop the model.* overrides), or pass a checkpoint of this architecture")
-    cam_layer = cam_layer or cam_layer_name(cfg.model, model)
-    layer = find_layer(model, cam_layer) if report_dir is not None else None
+    # Only the report looks at a layer (finding the default one runs a forward pass).
+    if report_dir is not None:
+        cam_layer = cam_layer or cam_layer_name(cfg.model, model)
+        layer = find_layer(model, cam_layer)
     data = load_dataset(cfg.data, seed=cfg.seed, with_train=False, stats=stats, classes=class_names(cfg))
     state, uses_ema = checkpoint_weights(payload)   # the weights the run itself evaluated
     model.load_state_dict(state)
