@@ -103,3 +103,20 @@ def test_a_file_without_its_checksum_loads_with_a_warning(trained: Path, tmp_pat
     lone.write_bytes((trained / "last.pt").read_bytes())
     with pytest.warns(UserWarning, match="no lone.pt.sha256 beside it"):
         assert "model" in ckpt.load_file(lone)
+
+
+def tiny_payload(step: int, tag: str) -> dict:
+    return {"model": {"w": torch.zeros(1)}, "config": {}, "train_state": {"global_step": step}, "tag": tag}
+
+
+def test_on_a_tie_in_steps_the_step_file_is_chosen_over_last_pt(tmp_path: Path):
+    """The same save is both step-N.pt and last.pt; the step file (listed first) is the one
+    named when resuming, and a later save wins over both."""
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    ckpt.save(directory, tiny_payload(4, "a"), global_step=4, keep=3, is_best=True)
+    path, payload = ckpt.find_resumable(directory)
+    assert path.name == "step-00000004.pt" and payload["tag"] == "a"
+    ckpt.save(directory, tiny_payload(6, "b"), global_step=6, keep=3, is_best=False)
+    path, payload = ckpt.find_resumable(directory)
+    assert path.name == "step-00000006.pt" and payload["tag"] == "b"

@@ -117,3 +117,15 @@ def test_two_processes_give_the_same_confusion_matrix_and_mistakes(last_pt: Path
     assert two["world_size"] == 2 and one["confusion_matrix"] == two["confusion_matrix"]
     assert [m["index"] for m in one["mistakes"]] == [m["index"] for m in two["mistakes"]]
     assert one["ece"] == pytest.approx(two["ece"])
+
+
+def test_most_confused_pairs_come_largest_first():
+    classes = ["a", "b", "c"]
+    confusion = [[50, 2, 7],     # a taken for c 7 times, for b twice
+                 [9, 40, 0],     # b taken for a 9 times
+                 [1, 4, 30]]
+    got = report.most_confused(confusion, classes, count=4)
+    assert [(p["true"], p["predicted"], p["images"]) for p in got] == \
+        [("b", "a", 9), ("a", "c", 7), ("c", "b", 4), ("a", "b", 2)]
+    # The diagonal and empty cells are never listed.
+    assert len(report.most_confused(confusion, classes, count=10)) == 5
