@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,24 @@ def test_on_a_tie_in_steps_the_step_file_is_chosen_over_last_pt(tmp_path: Path):
     ckpt.save(directory, tiny_payload(6, "b"), global_step=6, keep=3, is_best=False)
     path, payload = ckpt.find_resumable(directory)
     assert path.name == "step-00000006.pt" and payload["tag"] == "b"
+
+
+def test_fallback_goes_by_step_through_last_and_best_then_older_step_files(tmp_path: Path):
+    """Saves at steps 4, 6 and 8 of the same epoch (mid-epoch checkpoints), keep=2, step 8 the
+    best: the step files left are 8 and 6. Damage, one after the other, step-8, last.pt and
+    best.pt: each time the newest intact step is chosen, best.pt included."""
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    for step in (4, 6, 8):
+        payload = tiny_payload(step, f"s{step}")
+        payload["train_state"]["epoch"] = 1
+        ckpt.save(directory, payload, global_step=step, keep=2, is_best=step == 8)
+    assert [s for s, _ in ckpt.step_files(directory)] == [8, 6]
+    expected = [("step-00000008.pt", 8), ("last.pt", 8), ("best.pt", 8), ("step-00000006.pt", 6)]
+    for damaged, (name, step) in zip([None, "step-00000008.pt", "last.pt", "best.pt"], expected):
+        if damaged:
+            (directory / damaged).write_bytes(b"PK\x03\x04 damaged")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # "cannot be used": what the test does on purpose
+            path, payload = ckpt.find_resumable(directory)
+        assert (path.name, payload["train_state"]["global_step"]) == (name, step), damaged
