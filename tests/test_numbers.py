@@ -59,8 +59,13 @@ def _average_on_rank(rank: int, port: int, results) -> None:
         bn = torch.nn.BatchNorm1d(3)
         bn.running_mean.fill_(rank + 1.0)            # rank 0: 1, rank 1: 2
         bn.num_batches_tracked.fill_(10 + rank)      # integer counters are left alone
-        DistContext(rank=rank, world_size=2, backend="gloo").average_buffers(bn)
+        ctx = DistContext(rank=rank, world_size=2, backend="gloo")
+        ctx.average_buffers(bn)
         results[rank] = (bn.running_mean.tolist(), int(bn.num_batches_tracked))
+        # The other collectives, in the same job: element-wise max and sum, and the gather.
+        mine = torch.tensor([rank + 1.0, 5.0 - rank])
+        results[("ops", rank)] = (ctx.max(mine).tolist(), ctx.sum(mine).tolist(), mine.tolist(),
+                                  ctx.gather_objects(f"r{rank}"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -72,6 +77,8 @@ def test_bn_buffers_are_averaged_over_ranks_not_summed():
     results = mp.Manager().dict()
     mp.spawn(_average_on_rank, args=(port, results), nprocs=2, join=True)
     assert results[0] == ([1.5, 1.5, 1.5], 10) and results[1] == ([1.5, 1.5, 1.5], 11)
+    for rank in (0, 1):   # max and sum of [1, 5] and [2, 4]; the caller's tensor untouched
+        assert results[("ops", rank)] == ([2.0, 5.0], [3.0, 9.0], [rank + 1.0, 5.0 - rank], ["r0", "r1"])
 
 
 def test_albumentations_ranges_follow_the_config():
