@@ -3,6 +3,7 @@
     python tests/mutation_audit.py                  # every mutant below
     python tests/mutation_audit.py r2-05 a-12       # only these
     python tests/mutation_audit.py --list
+    python tests/mutation_audit.py --before a-03    # with the tests that existed before
 
 Each mutant replaces one exact text (it must occur exactly once) in one file of the package,
 runs pytest on the named tests, and puts the file back (in a `finally`, also on Ctrl-C). A
@@ -19,7 +20,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# (id, file, original text, mutated text, tests that should catch it)
+# (id, file, original text, mutated text, tests that should catch it). Where a mutant has
+# a sixth entry, that is the tests that existed before the test written for it (the
+# "before" column of docs/testing.md: `--before` runs those instead).
+DIST_SLOW = ["tests/test_numbers.py::test_bn_buffers_are_averaged_over_ranks_not_summed",
+             "tests/test_distributed.py::test_torchrun_with_one_process_still_forms_a_process_group",
+             "tests/test_distributed.py::test_two_torchrun_agents_form_one_two_node_job",
+             "tests/test_distributed.py::test_torchrun_two_processes_train_evaluate_and_resume_under_one"]
+AUGMENT = ["tests/test_augment.py", "tests/test_step.py::test_epoch_augmentation_ignores_chunking_and_resumes_at_its_step"]
+CKPT = ["tests/test_checkpoint_files.py", "tests/test_recovery.py::test_resume_takes_the_newest_intact_checkpoint_with_warning",
+        "tests/test_recovery.py::test_save_killed_mid_write_leaves_previous_checkpoint_loadable"]
+REPORT = ["tests/test_report.py", "-m", "not slow"]
+INFERENCE = ["tests/test_export.py", "tests/test_train.py::test_resume_with_ema_and_plain_last_epoch",
+             "tests/test_report.py::test_report_numbers_equal_an_independent_computation"]
+LAUNCH = ["tests/test_recovery.py", "-m", "not slow", "tests/test_export.py::test_bad_requests_get_one_line",
+          "tests/test_train.py::test_evaluate_output_into_a_closed_pipe_and_a_folder_as_checkpoint"]
+
 MUTANTS = [
     # ---- issue 25's list (round 2 of the audit of main f4f7ebd)
     ("r2-01", "cifar_ddp/step.py", "bad = ~torch.isfinite(norm)", "bad = torch.isnan(norm)",
@@ -65,11 +81,104 @@ MUTANTS = [
     ("r2-19", "cifar_ddp/optim.py",
      "        return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))\n",
      "        return peak\n", ["tests/test_numbers.py::test_the_three_schedules_differ_where_they_should"]),
+    # ---- the weak tests of issue 25: bugs each one let through
+    ("w-1", "cifar_ddp/ema.py", "keep = torch.where(n == 0, torch.zeros_like(keep), keep)", "pass",
+     ["tests/test_train.py::test_ema_decay_warms_up_then_holds"]),
+    ("w-2", "cifar_ddp/inference.py", 'NormalizedModel(model, stats["mean"], stats["std"])',
+     'NormalizedModel(model, stats["std"], stats["mean"])',
+     ["tests/test_export.py::test_exported_files_equal_the_raw_network_after_a_normalization_done_here"],
+     ["tests/test_export.py::test_both_formats_export_with_parity_and_predict_like_the_checkpoint"]),
+    ("w-3", "cifar_ddp/lr_find.py", "suggest(lrs, losses), stopped_early", "lrs[int(np.argmin(losses))], stopped_early",
+     ["tests/test_lr_find.py::test_the_sweep_is_exponential_and_stops_when_the_loss_diverges"]),
+    ("w-4", "cifar_ddp/engine.py", "local = (seen + wrong) * ctx.world_size + ctx.rank",
+     "local = seen + wrong * ctx.world_size + ctx.rank",
+     ["tests/test_report.py::test_two_processes_give_the_same_confusion_matrix_and_mistakes"]),
+
+    # ---- this audit: code issue 25's list does not reach
+    ("a-01", "cifar_ddp/distributed.py", "return self.rank == 0", "return self.local_rank == 0",
+     ["tests/test_dist_context.py"], DIST_SLOW),
+    ("a-02", "cifar_ddp/distributed.py", "return bool(self.backend)", "return self.world_size > 1",
+     ["tests/test_dist_context.py"], DIST_SLOW),
+    ("a-03", "cifar_ddp/distributed.py", "dist.all_reduce(out, op=dist.ReduceOp.MAX)",
+     "dist.all_reduce(out, op=dist.ReduceOp.SUM)",
+     ["tests/test_numbers.py::test_bn_buffers_are_averaged_over_ranks_not_summed"], DIST_SLOW),
+    ("a-04", "cifar_ddp/distributed.py", "is_master=(rank == 0 and not agent_store)", "is_master=(rank == 0)",
+     ["tests/test_dist_context.py"], DIST_SLOW),
+    ("a-05", "cifar_ddp/distributed.py", 'dist.PrefixStore(f"cifar_ddp/attempt{attempt}", store)',
+     'dist.PrefixStore("cifar_ddp", store)', ["tests/test_dist_context.py"],
+     DIST_SLOW + ["tests/test_recovery.py::test_sigkilled_worker_is_restarted_by_torchrun_and_resumes"]),
+    ("a-06", "cifar_ddp/distributed.py", "out = tensor.clone()\n        if self.is_distributed:\n            dist.all_reduce(out, op=dist.ReduceOp.SUM)",
+     "out = tensor\n        if self.is_distributed:\n            dist.all_reduce(out, op=dist.ReduceOp.SUM)",
+     ["tests/test_dist_context.py", "tests/test_numbers.py::test_bn_buffers_are_averaged_over_ranks_not_summed"],
+     DIST_SLOW),
+    ("a-07", "cifar_ddp/data/transforms.py", "offsets = torch.randint(-pad, pad + 1, (2, n)",
+     "offsets = torch.randint(-pad, pad, (2, n)",
+     ["tests/test_augment.py::test_batched_crop_offsets_reach_both_ends_symmetrically"], AUGMENT),
+    ("a-08", "cifar_ddp/data/transforms.py", 'offset = -(inverse @ (2.0 * params["shift"]).unsqueeze(2))',
+     'offset = -(2.0 * params["shift"]).unsqueeze(2)',
+     ["tests/test_augment.py::test_batched_scale_and_shift_move_a_square_where_hand_worked"], AUGMENT),
+    ("a-09", "cifar_ddp/data/transforms.py",
+     'cos, sin = torch.cos(angle) / params["scale"], torch.sin(angle) / params["scale"]',
+     'cos, sin = torch.cos(angle) * params["scale"], torch.sin(angle) * params["scale"]',
+     ["tests/test_augment.py::test_batched_scale_and_shift_move_a_square_where_hand_worked"], AUGMENT),
+    ("a-10", "cifar_ddp/data/transforms.py", "torch.where(index < 0, -index, torch.where",
+     "torch.where(index < 0, -index - 1, torch.where", AUGMENT, AUGMENT),
+    ("a-11", "cifar_ddp/data/transforms.py", 'x = torch.where(params["flip"].view(n, 1, 1, 1), x.flip(3), x)',
+     'x = torch.where(params["flip"].view(n, 1, 1, 1), x.flip(2), x)', AUGMENT, AUGMENT),
+    ("a-12", "cifar_ddp/data/transforms.py", "(rows < top + size)", "(rows <= top + size)", AUGMENT, AUGMENT),
+    ("a-13", "cifar_ddp/data/transforms.py", "x = images.permute(0, 3, 1, 2).float().div_(255.0)\n    mean, std",
+     "x = images.permute(0, 3, 2, 1).float().div_(255.0)\n    mean, std",
+     ["tests/test_engine_eval.py"], AUGMENT + ["tests/test_report.py::test_report_numbers_equal_an_independent_computation"]),
+    ("a-14", "cifar_ddp/checkpoint.py", 'for name in ("last.pt", "best.pt")', 'for name in ("last.pt",)',
+     ["tests/test_checkpoint_files.py::test_fallback_goes_by_step_through_last_and_best_then_older_step_files"], CKPT),
+    ("a-15", "cifar_ddp/checkpoint.py", '.get("global_step", -1))', '.get("epoch", -1))',
+     ["tests/test_checkpoint_files.py::test_fallback_goes_by_step_through_last_and_best_then_older_step_files"], CKPT),
+    ("a-16", "cifar_ddp/checkpoint.py", "for _, old in step_files(directory)[keep:]:",
+     "for _, old in step_files(directory)[keep + 1:]:",
+     ["tests/test_checkpoint_files.py::test_fallback_goes_by_step_through_last_and_best_then_older_step_files"], CKPT),
+    ("a-17", "cifar_ddp/checkpoint.py", "            continue\n        step = int(", "            break\n        step = int(",
+     CKPT, CKPT),
+    ("a-18", "cifar_ddp/report.py", "return float(sum(abs(b[2] - b[1]) for b in bins if b[0]) / total)",
+     "return float(abs(sum(b[2] - b[1] for b in bins if b[0])) / total)",
+     ["tests/test_report.py::test_ece_does_not_let_over_and_under_confident_bins_cancel"], REPORT),
+    ("a-19", "cifar_ddp/report.py", "accuracy = np.where(filled, b[:, 2] / np.maximum(b[:, 0], 1), 0)",
+     "accuracy = np.where(filled, b[:, 1] / np.maximum(b[:, 0], 1), 0)",
+     ["tests/test_report.py::test_reliability_diagram_draws_each_bins_accuracy_at_its_centre_and_its_count"], REPORT),
+    ("a-20", "cifar_ddp/report.py", "centres = (edges[:-1] + edges[1:]) / 2", "centres = edges[:-1]",
+     ["tests/test_report.py::test_reliability_diagram_draws_each_bins_accuracy_at_its_centre_and_its_count"], REPORT),
+    ("a-21", "cifar_ddp/report.py", "hist.bar(centres, b[:, 0]", "hist.bar(centres, b[:, 2]",
+     ["tests/test_report.py::test_reliability_diagram_draws_each_bins_accuracy_at_its_centre_and_its_count"], REPORT),
+    ("a-22", "cifar_ddp/engine.py", "which = (confidence * CALIBRATION_BINS).long()",
+     "which = (confidence * (CALIBRATION_BINS - 1)).long()", REPORT, REPORT),
+    ("a-23", "cifar_ddp/summary.py", "(m.in_channels // m.groups) * kh * kw", "m.in_channels * kh * kw",
+     ["tests/test_model.py::test_summary_macs_equal_torchs_flop_counter_layer_by_layer"], ["tests/test_model.py"]),
+    ("a-24", "cifar_ddp/summary.py", "for size in layer.output_shape[1:]:", "for size in layer.output_shape[2:]:",
+     ["tests/test_model.py::test_summary_macs_equal_torchs_flop_counter_layer_by_layer"], ["tests/test_model.py"]),
+    ("a-25", "cifar_ddp/summary.py", "return m.in_features * m.out_features", "return (m.in_features + 1) * m.out_features",
+     ["tests/test_model.py::test_summary_macs_equal_torchs_flop_counter_layer_by_layer"], ["tests/test_model.py"]),
+    ("a-26", "cifar_ddp/inference.py", "if ema is False or not has_ema:", "if not ema or not has_ema:",
+     ["tests/test_export.py::test_checkpoint_weights_picks_the_ema_unless_told_otherwise"], INFERENCE),
+    ("a-27", "cifar_ddp/inference.py", "Image.Resampling.BILINEAR", "Image.Resampling.NEAREST",
+     ["tests/test_export.py::test_a_larger_picture_is_resized_bilinearly"], INFERENCE),
+    ("a-28", "cifar_ddp/inference.py", "return self.model((images - self.mean) / self.std)",
+     "return self.model(images / self.std - self.mean)",
+     ["tests/test_export.py::test_exported_files_equal_the_raw_network_after_a_normalization_done_here"], INFERENCE),
+    ("a-29", "cifar_ddp/launcher.py", "exc.errno in _FILESYSTEM_FULL_OR_CLOSED", "exc.errno == errno.ENOSPC",
+     ["tests/test_launcher.py"], LAUNCH),
+    ("a-30", "cifar_ddp/launcher.py", "code = EXIT_RESUMABLE      #", "code = 1      #", ["tests/test_launcher.py"], LAUNCH),
+    ("a-31", "cifar_ddp/launcher.py", 'print(f"error: {exc}", file=sys.stderr, flush=True)\n        return EXIT_USER_ERROR',
+     'print(f"error: {exc}", file=sys.stderr, flush=True)\n        return 1', ["tests/test_launcher.py"], LAUNCH),
+    ("a-32", "cifar_ddp/launcher.py", "        elif ctx is None or not ctx.is_distributed:\n            raise",
+     "        elif ctx is None:\n            raise", ["tests/test_launcher.py"], LAUNCH),
+    ("a-33", "cifar_ddp/launcher.py", "    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())\n    return 1",
+     "    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())\n    return 0", ["tests/test_launcher.py"], LAUNCH),
 ]
 
 
-def run(mutant, verbose: bool = False) -> bool:
-    ident, rel, old, new, tests = mutant
+def run(mutant, verbose: bool = False, before: bool = False) -> bool:
+    ident, rel, old, new, tests = mutant[:5]
+    if before and len(mutant) > 5:
+        tests = mutant[5]
     path = REPO / rel
     original = path.read_text()
     if original.count(old) != 1:
@@ -82,21 +191,28 @@ def run(mutant, verbose: bool = False) -> bool:
         path.write_text(original)
     if verbose:
         print(done.stdout[-1500:])
-    return done.returncode != 0
+    if done.returncode not in (0, 1):   # 2-5: interrupted, usage error, no tests: not a verdict
+        raise RuntimeError(f"{ident}: pytest exited {done.returncode}\n{done.stdout[-1500:]}{done.stderr[-800:]}")
+    return done.returncode == 1
 
 
 def main(argv) -> int:
     if "--list" in argv:
-        for ident, rel, old, new, tests in MUTANTS:
+        for ident, rel, old, new, tests, *_ in MUTANTS:
             print(f"{ident}  {rel}: {old.strip()!r} -> {new.strip()!r}  [{' '.join(tests)}]")
         return 0
+    if "--check" in argv:   # every original text occurs exactly once
+        bad = [m[0] for m in MUTANTS if (REPO / m[1]).read_text().count(m[2]) != 1]
+        print("bad:", bad)
+        return 1 if bad else 0
     verbose = "-v" in argv
+    before = "--before" in argv
     wanted = [a for a in argv if not a.startswith("-")]
     chosen = [m for m in MUTANTS if not wanted or m[0] in wanted]
     survived = 0
     for mutant in chosen:
         started = time.time()
-        caught = run(mutant, verbose)
+        caught = run(mutant, verbose, before)
         survived += not caught
         print(f"{mutant[0]}  {'caught  ' if caught else 'SURVIVED'}  {time.time() - started:5.1f}s  "
               f"{mutant[1]}: {mutant[2].strip()[:60]!r}", flush=True)
