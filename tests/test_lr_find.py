@@ -29,11 +29,22 @@ def flat_colour_folder(root: Path, per_class: int = 12) -> Path:
     return root
 
 
-def test_the_sweep_is_exponential_and_stops_when_the_loss_diverges(tmp_path: Path):
+def test_the_sweep_is_exponential_and_stops_when_the_loss_diverges(tmp_path: Path, monkeypatch):
     folder = flat_colour_folder(tmp_path / "images")
     cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.source": "folder", "data.root": str(folder),
                                                                  "model.dropout": 0.0}))
+    import cifar_ddp.lr_find as lr_find
+
+    asked = []
+
+    def spy(lrs, losses):
+        asked.append((list(lrs), list(losses), suggest(lrs, losses)))
+        return asked[-1][2]
+
+    monkeypatch.setattr(lr_find, "suggest", spy)
     result = lr_range_test(cfg, DistContext(), steps=40, start=1e-3, end=1e5)
+    # The suggestion is the rule (tested on its own below) applied to this sweep's own curve.
+    assert asked == [(result.lrs, result.losses, result.suggested_lr)]
     ratios = np.diff(np.log(result.lrs))
     assert np.allclose(ratios, math.log(1e8) / 39)
     assert result.stopped_early and len(result.lrs) < 40
