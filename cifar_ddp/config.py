@@ -124,7 +124,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    # onecycle: share of steps spent warming up, start = lr/initial_div, end = lr/final_div.
+    # onecycle: linear warm-up over warmup_frac of the steps from lr/initial_div to lr, then
+    # cosine down to lr/final_div; cosine: no warm-up, cosine from lr down to lr/final_div
+    # (warmup_frac and initial_div unused); constant: lr throughout.
     warmup_frac: float = 0.25
     initial_div: float = 25.0
     final_div: float = 1e4

@@ -46,8 +46,9 @@ class WeightEma(nn.Module):
         torch._foreach_add_(averaged, torch._foreach_mul(current, 1.0 - keep))
         for target, source in zip(_tensors(self.module), _tensors(model)):
             if not target.is_floating_point():
-                # Integer buffers (BN's num_batches_tracked) are counters: take the current value.
-                target.copy_(source)
+                # Integer buffers (BN's num_batches_tracked) are counters: take the current value
+                # (unless the step is skipped: then they too stay as they are).
+                target.copy_(source if skip is None else torch.where(skip, target, source))
         self.n_averaged.add_(1 if skip is None else (~skip).long())
 
 

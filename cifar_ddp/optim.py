@@ -26,6 +26,9 @@ def lr_at(progress: float, cfg: TrainConfig, peak: float) -> float:
     start, end = peak / cfg.initial_div, peak / cfg.final_div
     if cfg.schedule == "constant":
         return peak
+    if cfg.schedule == "cosine":
+        # No warm-up: from the peak at once, cosine down to lr/final_div.
+        return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
     warm = cfg.warmup_frac
     if progress < warm:
         # Linear warm-up, as OneCycleLR does for its first phase.

@@ -247,3 +247,30 @@ def test_the_package_turns_off_albumentations_update_check_unless_the_user_chose
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == expected
+
+
+def test_batched_crop_offsets_reach_both_ends_symmetrically():
+    p = params_for(only(crop_p=1.0, crop_padding=4))
+    for key in ("crop_dy", "crop_dx"):
+        values = p[key]
+        assert values.min() == -4 and values.max() == 4          # -pad and +pad included
+        assert abs(values.float().mean()) < 0.15                 # 4000 draws of a symmetric range
+        assert len(torch.unique(values)) == 9
+
+
+def test_batched_scale_and_shift_move_a_square_where_hand_worked():
+    """A white 8x8 square in the middle (rows/cols 12-19) of a black image, scaled 2x about
+    the centre and then shifted by a quarter of the width to the right: 16x16, rows 8-23 and
+    cols 8-23 + 8 = 16-31. (Shifting before scaling would move it 16 px; scale the inverse
+    the wrong way and it shrinks to 4x4.)"""
+    image = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    image[0, 12:20, 12:20] = 255
+    augment = BatchAugment(only(border_mode="constant"), STATS)
+    params = augment.sample(1, 32, 32, torch.Generator().manual_seed(0))
+    params.update(affine=torch.tensor([True]), angle=torch.tensor([0.0]), scale=torch.tensor([2.0]),
+                  shift=torch.tensor([[0.25, 0.0]]))
+    out = augment.apply(image, params)
+    grey = out[0, 0] * STATS.std[0] + STATS.mean[0]               # back to [0, 1]
+    rows, cols = torch.nonzero(grey > 0.5, as_tuple=True)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 23, 16, 31)
+    assert int((grey > 0.5).sum()) == 256

@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,41 @@ def test_a_file_without_its_checksum_loads_with_a_warning(trained: Path, tmp_pat
     lone.write_bytes((trained / "last.pt").read_bytes())
     with pytest.warns(UserWarning, match="no lone.pt.sha256 beside it"):
         assert "model" in ckpt.load_file(lone)
+
+
+def tiny_payload(step: int, tag: str) -> dict:
+    return {"model": {"w": torch.zeros(1)}, "config": {}, "train_state": {"global_step": step}, "tag": tag}
+
+
+def test_on_a_tie_in_steps_the_step_file_is_chosen_over_last_pt(tmp_path: Path):
+    """The same save is both step-N.pt and last.pt; the step file (listed first) is the one
+    named when resuming, and a later save wins over both."""
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    ckpt.save(directory, tiny_payload(4, "a"), global_step=4, keep=3, is_best=True)
+    path, payload = ckpt.find_resumable(directory)
+    assert path.name == "step-00000004.pt" and payload["tag"] == "a"
+    ckpt.save(directory, tiny_payload(6, "b"), global_step=6, keep=3, is_best=False)
+    path, payload = ckpt.find_resumable(directory)
+    assert path.name == "step-00000006.pt" and payload["tag"] == "b"
+
+
+def test_fallback_goes_by_step_through_last_and_best_then_older_step_files(tmp_path: Path):
+    """Saves at steps 4, 6 and 8 of the same epoch (mid-epoch checkpoints), keep=2, step 8 the
+    best: the step files left are 8 and 6. Damage, one after the other, step-8, last.pt and
+    best.pt: each time the newest intact step is chosen, best.pt included."""
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    for step in (4, 6, 8):
+        payload = tiny_payload(step, f"s{step}")
+        payload["train_state"]["epoch"] = 1
+        ckpt.save(directory, payload, global_step=step, keep=2, is_best=step == 8)
+    assert [s for s, _ in ckpt.step_files(directory)] == [8, 6]
+    expected = [("step-00000008.pt", 8), ("last.pt", 8), ("best.pt", 8), ("step-00000006.pt", 6)]
+    for damaged, (name, step) in zip([None, "step-00000008.pt", "last.pt", "best.pt"], expected):
+        if damaged:
+            (directory / damaged).write_bytes(b"PK\x03\x04 damaged")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # "cannot be used": what the test does on purpose
+            path, payload = ckpt.find_resumable(directory)
+        assert (path.name, payload["train_state"]["global_step"]) == (name, step), damaged

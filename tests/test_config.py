@@ -127,3 +127,15 @@ def test_an_empty_config_file_says_the_defaults_are_used(tmp_path: Path):
     with pytest.warns(UserWarning, match="is empty: the defaults are used"):
         cfg = load_config(path, ["train.epochs=3"])
     assert cfg.train.epochs == 3 and cfg.train.batch_size == 256
+
+
+def test_an_override_value_may_itself_hold_an_equals_sign():
+    # Only the first '=' separates key and value.
+    assert load_config(None, ["out_dir=runs/lr=0.1"]).out_dir == "runs/lr=0.1"
+
+
+@pytest.mark.parametrize("override", ["train.final_div=0.5", "train.initial_div=0.5"])
+def test_each_lr_divisor_below_one_is_refused(override):
+    with pytest.raises(ConfigError, match="train.initial_div and train.final_div must be >= 1"):
+        load_config(None, [override])
+    load_config(None, [override.replace("0.5", "1.0")])   # exactly 1 is fine

@@ -126,6 +126,12 @@ def test_cifar10_source_reads_official_batches(tmp_path: Path, monkeypatch):
     data = load_dataset(DataConfig(source="cifar10", root=str(tmp_path), download=False))
     assert data.train.images.shape == (20, 32, 32, 3) and data.test.images.shape == (4, 32, 32, 3)
     assert data.stats == channel_stats(data.train.images)
+    # ... and those are the pixels' own mean and std, computed here independently (torch, float64).
+    import torch
+
+    pixels = torch.from_numpy(data.train.images).double().div(255.0).reshape(-1, 3)
+    assert data.stats.mean == pytest.approx(tuple(pixels.mean(0).tolist()), rel=1e-9)
+    assert data.stats.std == pytest.approx(tuple(pixels.std(0, unbiased=False).tolist()), rel=1e-9)
 
 
 def test_cifar10_source_refuses_batches_failing_integrity(tmp_path: Path):
@@ -137,3 +143,68 @@ def test_cifar10_source_refuses_batches_failing_integrity(tmp_path: Path):
 def test_cifar10_source_missing_without_download(tmp_path: Path):
     with pytest.raises(DataError, match="data.source=folder"):
         load_dataset(DataConfig(source="cifar10", root=str(tmp_path), download=False))
+
+
+def test_augmentation_seeds_differ_across_ranks_seeds_and_epochs():
+    from cifar_ddp.data.loaders import epoch_seed
+
+    seeds = {(s, r, e): epoch_seed(s, r, e) for s in range(3) for r in range(4) for e in range(5)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert epoch_seed(0, 1, 0) != epoch_seed(0, 0, 0)
+
+
+def test_two_ranks_draw_different_augmentations_from_the_same_seed():
+    import torch
+
+    from cifar_ddp.config import AugmentConfig
+    from cifar_ddp.data import ChannelStats
+    from cifar_ddp.data.loaders import TrainBatches
+    from cifar_ddp.data.sources import ImageSplit
+
+    images = np.zeros((16, 32, 32, 3), dtype=np.uint8)
+    split = ImageSplit(images, np.zeros(16, dtype=np.int64))
+    stats = ChannelStats(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    draws = []
+    for rank in (0, 1):
+        batches = TrainBatches(split, AugmentConfig(), stats, batch_size=4, rank=rank, world_size=2, seed=7,
+                               device=torch.device("cpu"))
+        batches.set_epoch(3)
+        draws.append(batches.batch_augment.sample(8, 32, 32, batches.generator))
+    assert not torch.equal(draws[0]["angle"], draws[1]["angle"])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_eval_shards_of_all_ranks_partition_the_split(world_size):
+    from cifar_ddp.data.loaders import eval_shard
+    from cifar_ddp.data.sources import ImageSplit
+
+    n = 23
+    images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(3, axis=3)
+    split = ImageSplit(images, np.arange(n, dtype=np.int64))
+    shards = [eval_shard(split, rank, world_size) for rank in range(world_size)]
+    for rank, shard in enumerate(shards):
+        assert shard.labels.tolist() == list(range(rank, n, world_size))     # images rank, rank + W, ...
+        assert shard.images[:, 0, 0, 0].tolist() == shard.labels.tolist()
+    assert sorted(i for shard in shards for i in shard.labels.tolist()) == list(range(n))
+
+
+def test_channel_std_is_over_all_pixels_not_a_mean_of_per_image_stds(tmp_path: Path):
+    """Flat-colour images: every image's own std is 0, the pooled std is not. Hand-worked:
+    two images, one black and one white, give mean 0.5 and std 0.5 in every channel."""
+    images = np.stack([np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)])
+    stats = channel_stats(images)
+    assert stats.mean == pytest.approx((0.5, 0.5, 0.5)) and stats.std == pytest.approx((0.5, 0.5, 0.5))
+    # And through the folder source: ten flat colours, one per class, two images each.
+    from PIL import Image
+
+    colours = np.array([[25 * k, 255 - 25 * k, (70 * k) % 256] for k in range(10)], dtype=np.uint8)
+    for split in ("train", "test"):
+        for k, name in enumerate(CIFAR10_CLASSES):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.broadcast_to(colours[k], (32, 32, 3)).copy()).save(tmp_path / split / name / f"{i}.png")
+    data = load_dataset(folder_cfg(tmp_path))
+    expected = colours.astype(np.float64) / 255.0           # every colour weighs the same
+    assert data.stats.mean == pytest.approx(tuple(expected.mean(0)), rel=1e-9)
+    assert data.stats.std == pytest.approx(tuple(expected.std(0)), rel=1e-9)
+    assert min(data.stats.std) > 0.1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cifar_ddp import checkpoint as ckpt
@@ -182,3 +183,90 @@ def test_predict_reads_a_folder_and_refuses_damaged_models_and_top_0(last_pt: Pa
         assert len(errors) == 1 and f"'{damaged}' cannot be read as {what}" in errors[0]
     assert in_process("predict.py", monkeypatch, "--model", str(last_pt), "--top", "0", images[0]) == 2
     assert "--top is 0" in error_lines(capsys)[0]
+
+
+class Shifted(torch.nn.Module):
+    def __init__(self, model, by):
+        super().__init__()
+        self.model, self.by = model, by
+
+    def forward(self, x):
+        return self.model(x) + self.by
+
+
+@pytest.mark.parametrize("by", [-0.5, 0.5])
+def test_parity_fails_on_a_large_difference_of_either_sign(tmp_path: Path, by: float):
+    from cifar_ddp import export
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10)).eval()
+    path = tmp_path / "shifted.ts"
+    export.export(Shifted(model, by).eval(), [f"c{i}" for i in range(10)], "torchscript", path)
+    parity = export.check_parity(model, path, torch.rand(6, 3, 32, 32))
+    assert parity.max_abs_diff == pytest.approx(0.5, abs=1e-5) and parity.top1_agree == 6
+    assert not parity.ok(export.DEFAULT_TOLERANCE)
+    assert parity.ok(0.51)
+
+
+def test_exported_files_equal_the_raw_network_after_a_normalization_done_here(last_pt: Path, tmp_path: Path):
+    """Not NormalizedModel against itself: the checkpoint's bare network, fed images that
+    this test normalizes with the checkpoint's statistics (float64 numpy), must give the
+    logits of the loaded model, of both exported files and of image files read from disk."""
+    from cifar_ddp import export
+    from cifar_ddp.config import config_from_dict
+    from cifar_ddp.inference import load_for_inference, read_images
+    from cifar_ddp.models import build_model
+
+    payload = ckpt.load_file(last_pt)
+    raw = build_model(config_from_dict(payload["config"]))
+    raw.load_state_dict(payload["model"])
+    raw.eval()
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    mean, std = np.asarray(payload["stats"]["mean"]), np.asarray(payload["stats"]["std"])
+    assert not np.allclose(mean, std)
+    by_hand = ((pixels / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = raw(torch.from_numpy(by_hand).float()).numpy()
+    paths = []
+    for i, picture in enumerate(pixels):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(picture).save(paths[-1])
+    inputs = read_images(paths)
+    assert torch.equal(inputs, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0)
+    trained = load_for_inference(last_pt)
+    with torch.no_grad():
+        np.testing.assert_allclose(trained.model(inputs).numpy(), expected, atol=1e-4, rtol=0)
+    for fmt, suffix in (("torchscript", ".ts"), ("onnx", ".onnx")):
+        out = tmp_path / f"model{suffix}"
+        export.export(trained.model, trained.classes, fmt, out)
+        np.testing.assert_allclose(export.run_exported(out, inputs), expected, atol=1e-4, rtol=0)
+
+
+def test_checkpoint_weights_picks_the_ema_unless_told_otherwise():
+    from cifar_ddp.errors import UserError
+    from cifar_ddp.inference import checkpoint_weights
+
+    raw = {"w": torch.zeros(2)}
+    ema = {"module.w": torch.ones(2), "n_averaged": torch.tensor(5)}
+    state, used = checkpoint_weights({"model": raw, "ema": ema})
+    assert used and list(state) == ["w"] and torch.equal(state["w"], torch.ones(2))   # what the run evaluated
+    assert checkpoint_weights({"model": raw, "ema": ema}, ema=True)[1]
+    state, used = checkpoint_weights({"model": raw, "ema": ema}, ema=False)
+    assert not used and state is raw
+    assert checkpoint_weights({"model": raw, "ema": None}) == (raw, False)
+    with pytest.raises(UserError, match="no EMA weights"):
+        checkpoint_weights({"model": raw, "ema": None}, ema=True)
+
+
+def test_a_larger_picture_is_resized_bilinearly(tmp_path: Path):
+    """A 64x64 pixel checkerboard of 0 and 255: bilinear downsizing averages neighbours to
+    mid-grey everywhere; nearest would keep pure black or white."""
+    from cifar_ddp.inference import read_images
+
+    board = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)
+    path = tmp_path / "board.png"
+    Image.fromarray(np.stack([board] * 3, axis=2)).save(path)
+    x = read_images([path])
+    assert x.shape == (1, 3, 32, 32)
+    assert (x - 0.5).abs().max() < 0.1

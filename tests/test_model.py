@@ -146,3 +146,28 @@ def test_zero_init_residual_starts_every_unit_as_the_identity():
         assert identity == flag, f"zero_init_residual={flag}: unit is identity: {identity}"
     with pytest.raises(ConfigError, match="zero_init_residual.*sep_resnet.*seed has none"):
         build_model(load_config(None, ["model.zero_init_residual=true"]))
+
+
+def test_summary_macs_equal_torchs_flop_counter_layer_by_layer():
+    """Multiply-accumulates of every conv (grouped and depthwise too) and linear layer, against
+    torch.utils.flop_counter (2 FLOPs per MAC; biases not counted by either)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),        # depthwise
+        torch.nn.Conv2d(8, 12, 1), torch.nn.Conv2d(12, 12, 5, padding=2, groups=3),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(12, 10))
+    rows = summarize(model, (3, 16, 16))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, 3, 16, 16))
+    flops = counter.get_flop_counts()
+    layers = [m for m in model if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    names = [str(i) for i, m in enumerate(model) if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    ours = [r.macs for r in rows if r.macs]
+    theirs = [sum(flops[f"Sequential.{name}"].values()) // 2 for name in names]
+    assert len(ours) == len(layers) and ours == theirs
+    # Hand-worked, the depthwise one: 8 x 8 x 8 outputs, one 3x3 input window of 1 channel each.
+    assert ours[1] == 8 * 8 * 8 * 9

@@ -1,6 +1,7 @@
 """The numbers training runs on: the LR schedule, the loss, BN averaging over ranks, and
 the albumentations ranges. Each test pins a value a plausible bug would change."""
 
+import math
 import os
 import socket
 
@@ -58,8 +59,13 @@ def _average_on_rank(rank: int, port: int, results) -> None:
         bn = torch.nn.BatchNorm1d(3)
         bn.running_mean.fill_(rank + 1.0)            # rank 0: 1, rank 1: 2
         bn.num_batches_tracked.fill_(10 + rank)      # integer counters are left alone
-        DistContext(rank=rank, world_size=2, backend="gloo").average_buffers(bn)
+        ctx = DistContext(rank=rank, world_size=2, backend="gloo")
+        ctx.average_buffers(bn)
         results[rank] = (bn.running_mean.tolist(), int(bn.num_batches_tracked))
+        # The other collectives, in the same job: element-wise max and sum, and the gather.
+        mine = torch.tensor([rank + 1.0, 5.0 - rank])
+        results[("ops", rank)] = (ctx.max(mine).tolist(), ctx.sum(mine).tolist(), mine.tolist(),
+                                  ctx.gather_objects(f"r{rank}"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -71,6 +77,8 @@ def test_bn_buffers_are_averaged_over_ranks_not_summed():
     results = mp.Manager().dict()
     mp.spawn(_average_on_rank, args=(port, results), nprocs=2, join=True)
     assert results[0] == ([1.5, 1.5, 1.5], 10) and results[1] == ([1.5, 1.5, 1.5], 11)
+    for rank in (0, 1):   # max and sum of [1, 5] and [2, 4]; the caller's tensor untouched
+        assert results[("ops", rank)] == ([2.0, 5.0], [3.0, 9.0], [rank + 1.0, 5.0 - rank], ["r0", "r1"])
 
 
 def test_albumentations_ranges_follow_the_config():
@@ -79,3 +87,33 @@ def test_albumentations_ranges_follow_the_config():
     assert tuple(affine.rotate) == (-10.0, 10.0)
     assert tuple(affine.scale["x"]) == pytest.approx((0.8, 1.2))
     assert tuple(affine.translate_percent["x"]) == pytest.approx((-0.05, 0.05))
+
+
+def test_the_three_schedules_differ_where_they_should():
+    """Hand-worked values: onecycle warms up linearly over warmup_frac then falls by a cosine;
+    cosine starts at the peak (no warm-up) and falls by a cosine over the whole run; constant
+    stays at the peak."""
+    peak, end, start = 0.8, 0.8 / 1e4, 0.8 / 25.0
+    common = dict(warmup_frac=0.25, initial_div=25.0, final_div=1e4)
+    onecycle = TrainConfig(schedule="onecycle", **common)
+    cosine = TrainConfig(schedule="cosine", **common)
+    constant = TrainConfig(schedule="constant", **common)
+    half_cos = lambda f: end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * f))  # noqa: E731
+    expected = {
+        #  progress: (onecycle, cosine, constant)
+        0.0: (start, peak, peak),
+        0.125: ((start + peak) / 2, half_cos(0.125), peak),
+        0.25: (peak, half_cos(0.25), peak),
+        0.5: (half_cos(1 / 3), (peak + end) / 2, peak),
+        0.75: (half_cos(2 / 3), half_cos(0.75), peak),
+        1.0: (end, end, peak),
+    }
+    for progress, (one, cos, flat) in expected.items():
+        assert lr_at(progress, onecycle, peak) == pytest.approx(one, rel=1e-12), progress
+        assert lr_at(progress, cosine, peak) == pytest.approx(cos, rel=1e-12), progress
+        assert lr_at(progress, constant, peak) == pytest.approx(flat, rel=1e-12), progress
+    # cosine falls monotonically from the very first step; onecycle still rises there.
+    points = [i / 100 for i in range(101)]
+    cos_values = [lr_at(p, cosine, peak) for p in points]
+    assert all(a > b for a, b in zip(cos_values, cos_values[1:]))
+    assert lr_at(0.01, onecycle, peak) > lr_at(0.0, onecycle, peak)

@@ -176,3 +176,26 @@ class Shrinker(nn.Module):
 def test_unknown_resolution_change_is_refused():
     with pytest.raises(ReceptiveFieldError, match="Shrinker"):
         receptive_field(nn.Sequential(conv(3, 4), Shrinker(), conv(4, 4)))
+
+
+class UnequalJumps(nn.Module):
+    """A join of two paths with different jumps, so the larger RF at the join is not the larger
+    one afterwards: a 17x17 valid conv (32 -> 16, r 17, j 1) and a 1x1 stride-2 conv (32 -> 16,
+    r 1, j 2), added, then a 21x21 conv. Hand-worked: the first path gives 17 + 20 * 1 = 37,
+    the second 1 + 20 * 2 = 41; the RF is 41 (a join that kept only (17, 1) would say 37)."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Conv2d(3, 4, 17, padding=0)
+        self.skip = nn.Conv2d(3, 4, 1, stride=2)
+        self.after = nn.Conv2d(4, 4, 21, padding=10)
+
+    def forward(self, x):
+        return self.after(self.big(x) + self.skip(x))
+
+
+def test_a_join_keeps_every_path_not_only_its_largest():
+    report = receptive_field(UnequalJumps(), (3, 32, 32))
+    rows = {r.layer: r for r in report.rows}
+    assert rows["add"].receptive_field == 17 and rows["add"].output_size == (16, 16)
+    assert report.receptive_field == 41

@@ -105,16 +105,64 @@ def test_report_files_are_valid_and_say_what_the_json_says(last_pt: Path, tmp_pa
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_confusion_matrix_and_mistakes(last_pt: Path, tmp_path: Path):
+    # A test split of 1,200 images: 500 airplanes, 500 automobiles, then 25 of each other class.
+    # Each rank's shard (600) takes two of evaluate's batches of 500, and the first batches
+    # hold only the two easy classes: the mistakes are found in the ranks' second batches.
+    counts = [500, 500] + [25] * 8
+    rng = np.random.default_rng(5)
+    for k, name in enumerate(CIFAR10_CLASSES):
+        (tmp_path / "big" / "test" / name).mkdir(parents=True)
+        for i in range(counts[k]):
+            picture = np.array([25 * k, 255 - 25 * k, (70 * k) % 256]) + rng.integers(-30, 30, (32, 32, 3))
+            Image.fromarray(picture.clip(0, 255).astype(np.uint8)).save(tmp_path / "big" / "test" / name / f"{i:03d}.png")
+    label_of = np.repeat(np.arange(10), counts)
     results = []
     for nproc in (1, 2):
         script = [str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(last_pt), "--json",
-                  "--report", str(tmp_path / f"report{nproc}"), "--gallery", "5"]
+                  "--report", str(tmp_path / f"report{nproc}"), "--gallery", "10", f"data.root={tmp_path / 'big'}"]
         argv = [sys.executable, *script] if nproc == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]
         done = run_job(argv)
         assert done.returncode == 0, done.stderr[-3000:]
         results.append(json.loads(done.stdout[done.stdout.index("{"):]))
     one, two = results
-    assert two["world_size"] == 2 and one["confusion_matrix"] == two["confusion_matrix"]
+    assert two["world_size"] == 2 and one["images"] == two["images"] == 1200
+    assert one["confusion_matrix"] == two["confusion_matrix"]
     assert [m["index"] for m in one["mistakes"]] == [m["index"] for m in two["mistakes"]]
+    assert len(two["mistakes"]) == 10 and any(m["index"] >= 1000 for m in two["mistakes"]), \
+        "some mistake must come from a rank's second batch"
+    for m in two["mistakes"]:   # the folder lists class by class
+        assert m["true"] == CIFAR10_CLASSES[label_of[m["index"]]] != m["predicted"]
     assert one["ece"] == pytest.approx(two["ece"])
+
+
+def test_most_confused_pairs_come_largest_first():
+    classes = ["a", "b", "c"]
+    confusion = [[50, 2, 7],     # a taken for c 7 times, for b twice
+                 [9, 40, 0],     # b taken for a 9 times
+                 [1, 4, 30]]
+    got = report.most_confused(confusion, classes, count=4)
+    assert [(p["true"], p["predicted"], p["images"]) for p in got] == \
+        [("b", "a", 9), ("a", "c", 7), ("c", "b", 4), ("a", "b", 2)]
+    # The diagonal and empty cells are never listed.
+    assert len(report.most_confused(confusion, classes, count=10)) == 5
+
+
+def test_ece_does_not_let_over_and_under_confident_bins_cancel():
+    # Bin 1: 10 images at mean confidence 0.9, 5 right; bin 2: 10 at 0.2, 6 right:
+    # (|5 - 9| + |6 - 2|) / 20 = 0.4, although the signed gaps sum to 0.
+    assert report.expected_calibration_error([[10, 9.0, 5.0], [10, 2.0, 6.0]]) == pytest.approx(0.4)
+    assert report.expected_calibration_error([[0, 0, 0], [0, 0, 0]]) == 0.0
+
+
+def test_reliability_diagram_draws_each_bins_accuracy_at_its_centre_and_its_count():
+    bins = [[0, 0, 0] for _ in range(5)]
+    bins[1] = [10, 10 * 0.3, 2]        # images in [0.2, 0.4): accuracy 0.2
+    bins[4] = [30, 30 * 0.9, 24]       # images in [0.8, 1.0]: accuracy 0.8
+    fig = report.plot_reliability(bins)
+    accuracy_ax, count_ax = fig.axes
+    bars = [(round(p.get_x() + p.get_width() / 2, 6), round(p.get_height(), 6)) for p in accuracy_ax.patches]
+    assert bars == [(0.3, 0.2), (0.9, 0.8)]
+    counts = [(round(p.get_x() + p.get_width() / 2, 6), p.get_height()) for p in count_ax.patches]
+    assert counts == [(0.1, 0), (0.3, 10), (0.5, 0), (0.7, 0), (0.9, 30)]
+    report.plt.close(fig)

@@ -259,3 +259,41 @@ def test_cuda_graph_auto_trains_eagerly_on_cpu(tmp_path: Path):
     assert auto["replica_digests"] == eager["replica_digests"]
     assert '"cuda_graph": "auto"' in (tmp_path / "auto" / "config.json").read_text()
     assert "- cuda graph: False" in (tmp_path / "auto" / "training_log.md").read_text()
+
+
+def test_an_infinite_gradient_is_masked_like_a_nan():
+    """+inf (not NaN) in one gradient entry: the norm is inf, the update must not be applied."""
+    model = tiny_model()
+    step, optimizer = make_step(model)
+    step.set_lr(0.1)
+    step(*batch(1))
+    weights, momenta = snapshot(model, optimizer)
+
+    def poison(grad):
+        grad = grad.clone()
+        grad[0, 0] = float("inf")
+        return grad
+
+    handle = model[5].weight.register_hook(poison)
+    step(*batch(2))
+    handle.remove()
+    after_weights, after_momenta = snapshot(model, optimizer)
+    for before, after in zip(weights + momenta, after_weights + after_momenta):
+        assert torch.equal(before, after)
+    report = step.read()
+    assert report["nonfinite_steps"] == 1 and report["first_nonfinite_step"] == 2
+
+
+def test_two_nonfinite_steps_in_a_row_report_the_first_of_them():
+    model = tiny_model()
+    step, _ = make_step(model)
+    step.set_lr(0.1)
+    step(*batch(1))                                   # step 1: fine
+    for seed in (2, 3):                               # steps 2 and 3: NaN
+        images, labels = batch(seed)
+        images[0, 0, 0, 0] = float("nan")
+        step(images, labels)
+    step(*batch(4))                                   # step 4: fine
+    report = step.read()
+    assert report["nonfinite_steps"] == 2 and report["first_nonfinite_step"] == 2
+    assert int(step.metrics()[2]) == 32               # only steps 1 and 4 counted

@@ -216,21 +216,27 @@ def test_cli_reports_bad_override_without_traceback(tmp_path: Path):
 def test_ema_decay_warms_up_then_holds():
     from cifar_ddp.trainer import _make_ema
 
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     # (1 + n) / (10 + n) passes 0.9 at n = 80: the 199 updates cover the warm-up and the cap.
     ema = _make_ema(model, decay=0.9)
-    expected = model[0].weight.detach().clone()
+    expected = {"weight": None, "running_mean": None}
     for n in range(1, 200):
         with torch.no_grad():
             model[0].weight.add_(1.0)
+            model(torch.randn(4, 2) + n)      # a train-mode forward moves BN's statistics and counter
         ema.update(model)
         # The first update copies; update n >= 1 keeps min(decay, (1+n)/(10+n)) of the average.
         keep = min(0.9, (1 + (n - 1)) / (10 + (n - 1))) if n > 1 else 0.0
-        expected = keep * expected + (1 - keep) * model[0].weight.detach()
-    assert torch.allclose(ema.module[0].weight, expected, atol=1e-4)
+        for key, current in (("weight", model[0].weight), ("running_mean", model[1].running_mean)):
+            current = current.detach().double()
+            expected[key] = current.clone() if n == 1 else keep * expected[key] + (1 - keep) * current
+        # Checked at every update (a float64 reference), so an error in the first ones cannot fade.
+        torch.testing.assert_close(ema.module[0].weight.double(), expected["weight"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ema.module[1].running_mean.double(), expected["running_mean"], rtol=1e-5, atol=1e-5)
+        assert int(ema.module[1].num_batches_tracked) == n == int(model[1].num_batches_tracked)
     # Early on the average stays close to the current weights instead of the initial ones.
     assert (model[0].weight - ema.module[0].weight).abs().max() < 25
-    assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked
 
 
 def test_evaluate_refuses_a_negative_gallery(tmp_path: Path, capsys):

@@ -1,0 +1,84 @@
+"""engine.evaluate's numbers against a direct computation in float64: the loss over the
+whole split, flip-TTA, and the split indices of the most confident mistakes when a rank's
+shard takes several batches. Fast: one process, playing rank r of W (without a process
+group the sums and the gather are the identity, so one rank's shard is scored alone)."""
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cifar_ddp.data.loaders import eval_shard
+from cifar_ddp.data.sources import ChannelStats, ImageSplit
+from cifar_ddp.distributed import DistContext
+from cifar_ddp.engine import evaluate
+
+STATS = ChannelStats(mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+
+
+def lopsided_model() -> torch.nn.Module:
+    """Not mirror-symmetric (no global pooling: every position has its own weight)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 10))
+
+
+def split(n: int = 23, seed: int = 0) -> ImageSplit:
+    rng = np.random.default_rng(seed)
+    return ImageSplit(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64))
+
+
+def normalized(images: np.ndarray) -> torch.Tensor:
+    """By hand, in float64: (pixel / 255 - mean) / std, NCHW."""
+    x = torch.from_numpy(images).double().permute(0, 3, 1, 2) / 255.0
+    return (x - torch.tensor(STATS.mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
+        torch.tensor(STATS.std, dtype=torch.float64).view(1, 3, 1, 1)
+
+
+def run(model, data, ctx=DistContext(), **kwargs):
+    return evaluate(model, data, STATS, ctx, "fp32", 10, channels_last=False, **kwargs)
+
+
+def test_loss_is_the_mean_over_the_whole_split_with_an_odd_last_batch():
+    model, data = lopsided_model(), split(23)
+    result = run(model, data, batch_size=5)          # batches of 5, 5, 5, 5, 3
+    with torch.no_grad():
+        logits = copy.deepcopy(model).double()(normalized(data.images))
+    expected = F.cross_entropy(logits, torch.from_numpy(data.labels)).item()
+    assert abs(result.loss - expected) < 1e-5
+    assert result.total == 23
+    assert result.correct == int((logits.argmax(1).numpy() == data.labels).sum())
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
+    model, data = lopsided_model(), split(23)
+
+    class MirrorAverage(torch.nn.Module):
+        def forward(self, x):
+            return (model(x) + model(torch.flip(x, dims=[3]))) / 2   # dims=[3]: left-right
+
+    tta = run(model, data, batch_size=7, tta_flip=True, keep_mistakes=23)
+    reference = run(MirrorAverage(), data, batch_size=7, keep_mistakes=23)
+    plain = run(model, data, batch_size=7)
+    assert abs(tta.loss - reference.loss) < 1e-6 and tta.confusion == reference.confusion
+    assert [m[1:] for m in tta.mistakes] == [m[1:] for m in reference.mistakes]
+    assert abs(tta.loss - plain.loss) > 1e-3, "the toy model must not be mirror-symmetric"
+
+
+def test_mistake_indices_on_a_later_rank_across_several_batches_point_at_the_right_images():
+    model, data = lopsided_model(), split(41, seed=1)
+    world, rank = 3, 1
+    shard = eval_shard(data, rank, world)            # images 1, 4, 7, ...: 14 of them, in batches of 4
+    result = run(model, shard, DistContext(rank=rank, world_size=world), batch_size=4, keep_mistakes=100)
+    with torch.no_grad():
+        probabilities = copy.deepcopy(model).double()(normalized(data.images)).softmax(1)
+    confidence, predicted = probabilities.max(1)
+    mine = [i for i in range(rank, len(data), world) if predicted[i] != data.labels[i]]
+    assert len(mine) >= 5, "the toy model must make mistakes in several batches"
+    assert sorted(i for _, i, _, _ in result.mistakes) == mine
+    for c, i, t, p in result.mistakes:
+        assert i % world == rank and t == data.labels[i] and p == predicted[i]
+        assert abs(c - confidence[i].item()) < 1e-5
+    # Most confident first.
+    assert [m[0] for m in result.mistakes] == sorted((m[0] for m in result.mistakes), reverse=True)
