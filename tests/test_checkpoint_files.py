@@ -117,10 +117,10 @@ def test_on_a_tie_in_steps_the_step_file_is_chosen_over_last_pt(tmp_path: Path):
     directory.mkdir()
     ckpt.save(directory, tiny_payload(4, "a"), global_step=4, keep=3, is_best=True)
     path, payload = ckpt.find_resumable(directory)
-    assert path.name == "step-00000004.pt" and payload["tag"] == "a"
+    assert path.name == ckpt.step_file_name(1, 4) and payload["tag"] == "a"
     ckpt.save(directory, tiny_payload(6, "b"), global_step=6, keep=3, is_best=False)
     path, payload = ckpt.find_resumable(directory)
-    assert path.name == "step-00000006.pt" and payload["tag"] == "b"
+    assert path.name == ckpt.step_file_name(2, 6) and payload["tag"] == "b"
 
 
 def test_fallback_goes_by_step_through_last_and_best_then_older_step_files(tmp_path: Path):
@@ -134,8 +134,8 @@ def test_fallback_goes_by_step_through_last_and_best_then_older_step_files(tmp_p
         payload["train_state"]["epoch"] = 1
         ckpt.save(directory, payload, global_step=step, keep=2, is_best=step == 8)
     assert [s for s, _ in ckpt.step_files(directory)] == [8, 6]
-    expected = [("step-00000008.pt", 8), ("last.pt", 8), ("best.pt", 8), ("step-00000006.pt", 6)]
-    for damaged, (name, step) in zip([None, "step-00000008.pt", "last.pt", "best.pt"], expected):
+    expected = [(ckpt.step_file_name(3, 8), 8), ("last.pt", 8), ("best.pt", 8), (ckpt.step_file_name(2, 6), 6)]
+    for damaged, (name, step) in zip([None, ckpt.step_file_name(3, 8), "last.pt", "best.pt"], expected):
         if damaged:
             (directory / damaged).write_bytes(b"PK\x03\x04 damaged")
         with warnings.catch_warnings():
