@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from throughput import measure_cifar_ddp  # noqa: E402
 
 from cifar_ddp.config import load_config  # noqa: E402
-from cifar_ddp.engine import resolve_precision  # noqa: E402
-from cifar_ddp.errors import UserError  # noqa: E402
+from cifar_ddp.step import resolve_precision  # noqa: E402
+from cifar_ddp.errors import UserError, exit_on_user_error  # noqa: E402
 from cifar_ddp.models import build_model  # noqa: E402
 from cifar_ddp.step import resolve_step_options  # noqa: E402
 
@@ -42,9 +42,9 @@ EPOCH_IMAGES = 50_000
 
 
 def fail(message: str) -> None:
-    """Bad input: one line naming the problem and the fix, exit status 2 (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    """Bad input: one line naming the problem and the fix, exit status 2 (no traceback,
+    errors.exit_on_user_error prints it)."""
+    raise UserError(message)
 
 
 def parse_recipe(text: str):
@@ -125,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_user_error(lambda: main() or 0))

@@ -40,14 +40,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from cifar_ddp.config import load_config  # noqa: E402
-from cifar_ddp.data.loaders import AlbumentationsDataset, TrainBatches  # noqa: E402
+from cifar_ddp.assembly import (build_optimization, build_step, build_training_model, load_data,  # noqa: E402
+                                step_options, train_batches)
+from cifar_ddp.data.loaders import AlbumentationsDataset  # noqa: E402
 from cifar_ddp.data.sources import load_dataset  # noqa: E402
-from cifar_ddp.distributed import init_distributed, shutdown, wrap_ddp  # noqa: E402
-from cifar_ddp.engine import SyncPlan, TrainState, resolve_precision, train_one_epoch  # noqa: E402
+from cifar_ddp.distributed import init_distributed, shutdown  # noqa: E402
+from cifar_ddp.engine import EpochMeter, SyncPlan, TrainState, train_one_epoch  # noqa: E402
 from cifar_ddp.models import build_model  # noqa: E402
-from cifar_ddp.optim import build_optimizer  # noqa: E402
-from cifar_ddp.step import GRAPH_WARMUP_STEPS, TrainStep, capture_stream, resolve_step_options  # noqa: E402
-from cifar_ddp.trainer import build_training_model  # noqa: E402
+from cifar_ddp.step import GRAPH_WARMUP_STEPS  # noqa: E402
 
 
 def make_config(args: argparse.Namespace, extra=()):
@@ -94,19 +94,13 @@ def measure_cifar_ddp(args: argparse.Namespace, extra=()) -> float:
     cfg = make_config(args, extra)
     ctx = init_distributed("auto")
     try:
-        classes = None if args.data_root else tuple(f"c{i}" for i in range(10))
-        data = load_dataset(cfg.data, seed=0, **({"classes": classes} if classes else {}))
-        batches = TrainBatches(data.train, cfg.augment, data.stats, cfg.train.batch_size, ctx.rank,
-                               ctx.world_size, 0, ctx.device, channels_last=cfg.train.channels_last)
+        train, precision = step_options(cfg.train, ctx.device)
         if ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         model = build_training_model(cfg, ctx)
-        optimizer = build_optimizer(model, cfg.train, 0.05)
-        precision = resolve_precision(cfg.train.precision, ctx.device)
-        train = resolve_step_options(cfg.train, ctx.device, precision)
-        stream = capture_stream(train, ctx.device)
-        wrapped = wrap_ddp(model, ctx, stream)
-        step = TrainStep(wrapped, optimizer, train, precision, ctx.device, 0, bare_model=model, stream=stream)
+        data = load_data(cfg, ctx)
+        batches = train_batches(cfg, train, data, ctx)
+        step = build_step(model, build_optimization(model, train, precision, ctx, lr=0.05), train, precision, ctx)
 
         def endless():
             for epoch in itertools.count():
@@ -119,9 +113,11 @@ def measure_cifar_ddp(args: argparse.Namespace, extra=()) -> float:
         per_epoch = batches.steps_per_epoch
         warmup = max(args.warmup, GRAPH_WARMUP_STEPS + 2) if train.cuda_graph else args.warmup
         warmup, timed = (-(-count // per_epoch) * per_epoch for count in (warmup, args.steps))
-        stream, plan, state = endless(), SyncPlan(every=10**9), TrainState()
-        train_one_epoch(step, itertools.islice(stream, warmup), lambda s: 0.05, state, plan, ctx)
-        metrics = train_one_epoch(step, itertools.islice(stream, timed), lambda s: 0.05, state, plan, ctx)
+        batch_stream, plan, state = endless(), SyncPlan(every=10**9), TrainState()
+        train_one_epoch(step, itertools.islice(batch_stream, warmup), lambda s: 0.05, state, plan,
+                        EpochMeter(step, ctx))
+        metrics = train_one_epoch(step, itertools.islice(batch_stream, timed), lambda s: 0.05, state, plan,
+                                  EpochMeter(step, ctx))
         return metrics.images_per_second
     finally:
         shutdown(ctx)

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, exit_on_user_error
 from .files import atomic_write
 
 # save-<save number>-step-<global step>.pt; earlier versions wrote step-<global step>.pt.
@@ -180,18 +180,53 @@ def recency(payload: Dict[str, Any]) -> Tuple[int, int, int, int]:
     return (int(payload.get("save_number", 0)), int(state.get("epoch", -1)), seen, int(state.get("global_step", -1)))
 
 
+def _recorded_digest(path: Path) -> Optional[str]:
+    sidecar = checksum_path(path)
+    return (sidecar.read_text().split() or [None])[0] if sidecar.is_file() else None
+
+
+def resume_order(directory: Path) -> Optional[List[Path]]:
+    """The candidates newest first, decided from names and checksum files alone: step files
+    by save number, last.pt and best.pt right after the step file they are a byte copy of
+    (the same SHA-256). A best.pt that copies no step file left was pruned, so it is older
+    than all of them. None when that cannot decide (a last.pt that copies no step file, or
+    files without checksums: an earlier version's folder)."""
+    steps = [p for _, p in step_files(directory)]
+    copies = {name: directory / name for name in ("last.pt", "best.pt") if (directory / name).is_file()}
+    if not steps:
+        return list(copies.values())
+    digests = {path: _recorded_digest(path) for path in [*steps, *copies.values()]}
+    if None in digests.values():
+        return None
+    order: List[Path] = []
+    for step in steps:
+        order.append(step)
+        order += [copy for copy in copies.values() if digests[copy] == digests[step]]
+    if "last.pt" in copies and copies["last.pt"] not in order:
+        return None
+    if "best.pt" in copies and copies["best.pt"] not in order:
+        order.append(copies["best.pt"])
+    return order
+
+
 def find_resumable(directory: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest intact checkpoint of the folder (`recency`): every candidate is loaded and
-    checksummed, so a damaged step file never hides a good last.pt. Damaged files are
-    named in one warning; nothing is deleted here."""
+    """The newest intact checkpoint of the folder and its payload. In `resume_order`, the
+    first file that loads and matches its checksum wins: each file is read at most once,
+    and a damaged step file never hides a good last.pt. In a folder that order cannot be
+    read from (an earlier version's), every candidate is loaded and the latest by its
+    contents (`recency`) wins. Damaged files are named in one warning; nothing is deleted."""
+    order = resume_order(directory)
     best: Optional[Tuple[Tuple[int, ...], Path, Dict[str, Any]]] = None
     damaged = []
-    for path in resume_candidates(directory):
+    for path in order if order is not None else resume_candidates(directory):
         try:
             payload = load_file(path)
         except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
             damaged.append(str(exc) if isinstance(exc, CheckpointError) else f"'{path}' ({exc})")
             continue
+        if order is not None:
+            best = ((), path, payload)
+            break
         key = recency(payload)
         if best is None or key > best[0]:   # on a tie the step file, listed first, stays
             best = (key, path, payload)
@@ -238,7 +273,6 @@ def upgrade(path: Path) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="python -m cifar_ddp.checkpoint",
                                      description="Rewrite checkpoints of the earlier format (a CIFARDDP1 header) as plain torch.save "
@@ -246,14 +280,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("command", choices=["upgrade"])
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    for path in args.files:
-        try:
+
+    def work() -> int:
+        for path in args.files:
             upgrade(path)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(f"upgraded {path} (+ {checksum_path(path).name})")
-    return 0
+            print(f"upgraded {path} (+ {checksum_path(path).name})")
+        return 0
+
+    return exit_on_user_error(work)
 
 
 if __name__ == "__main__":

@@ -18,35 +18,10 @@ from torch import nn
 from .data.loaders import eval_batches
 from .data.sources import ChannelStats, ImageSplit
 from .distributed import DistContext
-from .errors import UserError
+from .errors import NonFiniteLoss
 from .step import TrainStep, autocast
 
-# ------------------------------------------------------------------ precision
-
-
-def cpu_supports_bf16() -> bool:
-    checker = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((checker and checker()) or (amx and amx()))
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """Map "auto" to what the hardware runs fast; refuse what it cannot run."""
-    if requested == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        # Without native bf16 instructions autocast to bf16 is slower than fp32 on CPU.
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    if requested == "fp16" and device.type != "cuda":
-        raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
-    return requested
-
-
 # ------------------------------------------------------------------ training
-
-
-class NonFiniteLoss(UserError):
-    """The loss or gradients became NaN/Inf."""
 
 
 @dataclass
@@ -92,30 +67,53 @@ class SyncPlan:
                 or global_step == self.stop_after)
 
 
+class EpochMeter:
+    """The sums and the clock of one epoch, over all ranks: what `train_one_epoch` reports
+    at its end and what a mid-epoch checkpoint saves (TrainState.epoch_partial), so that a
+    run resumed inside the epoch reports the whole epoch's figures. `carried`: the
+    epoch_partial of the steps before a resume (loss sum, correct, images, seconds).
+    Set-up time (first step, compiling, capturing: `TrainStep.setup_seconds`) is kept
+    out of the epoch's seconds."""
+
+    def __init__(self, step: TrainStep, ctx: DistContext, carried: Sequence[float] = ()) -> None:
+        self.step, self.ctx = step, ctx
+        self.carried_seconds = float(carried[3]) if carried else 0.0
+        # The carried sums are global: one rank adds them, so the sum over ranks counts them once.
+        step.reset_metrics(carried[:3] if ctx.is_main else ())
+        self.started = time.perf_counter()
+        self.setup_before = step.setup_seconds
+
+    def setup_seconds(self) -> float:
+        return self.step.setup_seconds - self.setup_before
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started - self.setup_seconds() + self.carried_seconds
+
+    def partial(self) -> List[float]:
+        """Collective: (loss sum, correct, images, seconds) of the epoch so far, all ranks."""
+        return [*self.ctx.sum(self.step.metrics()).tolist(), self.seconds()]
+
+
 def train_one_epoch(
     step: TrainStep,
     batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-    lr_at_step: Callable[[int], float],
+    schedule: Callable[[int], float],
     state: TrainState,
     plan: SyncPlan,
-    ctx: DistContext,
+    meter: EpochMeter,
     on_sync: Callable[[TrainState, Dict[str, float]], bool] = lambda state, read: False,
-    carried: Sequence[float] = (),
 ) -> EpochMetrics:
-    """One pass over this rank's batches; returns metrics summed over all ranks, including
-    `carried` (a TrainState.epoch_partial: the steps of this epoch before a resume).
+    """One pass over this rank's batches; returns the epoch's metrics summed over all ranks
+    (`meter`'s, so including the steps before a resume). `schedule(global_step)` is the
+    learning rate of that step (optim.LRSchedule).
 
     `on_sync(state, read)` runs at the plan's sync steps and at the epoch's end, with
     what the device reported (`TrainStep.read`); it returns True to stop the epoch.
     """
     step.model.train()
-    # The carried sums are global: one rank adds them, the epoch's final sum counts them once.
-    step.reset_metrics(carried[:3] if ctx.is_main else ())
-    setup_before = step.setup_seconds
-    started = time.perf_counter()
     stop, synced_at = False, state.global_step
     for images, labels in batches:
-        step.set_lr(lr_at_step(state.global_step))
+        step.set_lr(schedule(state.global_step))
         step(images, labels)
         state.global_step += 1
         state.step_in_epoch += 1
@@ -126,12 +124,10 @@ def train_one_epoch(
                 break
     if not stop and synced_at != state.global_step:
         stop = on_sync(state, _fold(step.read(), state, plan))
-    totals = ctx.sum(step.metrics()).tolist()
-    setup = step.setup_seconds - setup_before
-    n = max(int(totals[2]), 1)
-    seconds = time.perf_counter() - started - setup + (carried[3] if carried else 0.0)
-    return EpochMetrics(loss=totals[0] / n, accuracy=totals[1] / n, images=int(totals[2]),
-                        seconds=seconds, setup_seconds=setup, stop_requested=stop)
+    loss_sum, correct, images, seconds = meter.partial()
+    n = max(int(images), 1)
+    return EpochMetrics(loss=loss_sum / n, accuracy=correct / n, images=int(images),
+                        seconds=seconds, setup_seconds=meter.setup_seconds(), stop_requested=stop)
 
 
 def _fold(read: Dict[str, float], state: TrainState, plan: SyncPlan) -> Dict[str, float]:

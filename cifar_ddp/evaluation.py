@@ -15,10 +15,11 @@ from .data.loaders import eval_shard
 from .data.sources import ChannelStats, load_dataset
 from .distributed import DistContext
 from . import report
-from .engine import evaluate, resolve_precision
+from .engine import evaluate
+from .step import resolve_precision
 from .inference import NormalizedModel, checkpoint_weights, uint8_to_input
 from .models import cam_layer_name, find_layer
-from .trainer import build_training_model, class_names
+from .assembly import build_training_model, class_names
 
 
 def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,

@@ -12,7 +12,6 @@ import signal
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -20,25 +19,20 @@ import torch.distributed as dist
 
 from .config import Config, config_from_dict, load_config
 from .distributed import DistContext, init_distributed, shutdown
-from .errors import UserError
+from .errors import (EXIT_RESUMABLE, EXIT_USER_ERROR, Preempted, UserError, exit_on_user_error, one_line_warnings,
+                     reader_left, report_user_error)
 
-EXIT_USER_ERROR = 2
 PEER_FAILURE_GRACE_S = 3.0
 _FILESYSTEM_FULL_OR_CLOSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
-# EX_TEMPFAIL, "try again later": stopped by a signal or train.stop_after_steps after
-# writing a checkpoint; a scheduler can requeue the job with --resume.
-EXIT_RESUMABLE = 75
 
 
 def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config, object, DistContext], None],
             again: str = "continue with --resume") -> int:
     """prepare() -> (config, anything it loaded); then join the job and work(). `again`:
     what to do once a full disk has room again."""
-    from .trainer import Preempted
-
     ctx: Optional[DistContext] = None
     code = 0
-    _one_line_warnings()
+    one_line_warnings()
     try:
         cfg, loaded = prepare()
         ctx = init_distributed(cfg.device)
@@ -53,10 +47,9 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
     except UserError as exc:
         # Every failing rank says why (under a launcher, prefixed with its rank): an error
         # may be one rank's alone, e.g. a file only rank 0 writes.
-        print(f"error: {_who(ctx)}{exc}", file=sys.stderr, flush=True)
-        code = EXIT_USER_ERROR
+        code = report_user_error(exc, _who(ctx))
     except BrokenPipeError:
-        code = _reader_left()
+        code = reader_left()
     except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks must not wait for us
         if isinstance(exc, OSError) and exc.errno in _FILESYSTEM_FULL_OR_CLOSED:
             # A log or event file that cannot be written any more (checkpoints say so themselves).
@@ -150,6 +143,12 @@ def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, st
     from .lr_find import lr_range_test, plot
     from .report import save
 
+    def prepare() -> Tuple[Config, object]:
+        if not (0 < start < end) or steps < 10:
+            raise UserError(f"the sweep needs 0 < --start < --end and --steps >= 10 (got --start {start:g}, "
+                            f"--end {end:g}, --steps {steps})")
+        return load_config(config_path, overrides), None
+
     def work(cfg: Config, _: object, ctx: DistContext) -> None:
         path = _plot_path(Path(out) if out else Path(cfg.out_dir) / "lr_find.png")
         check_writable_folder(path.parent, "--out folder")
@@ -158,13 +157,13 @@ def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, st
         if ctx.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             save(plot(result), path)
-            per_reference = result.suggested_lr * cfg.train.lr_reference_batch / result.global_batch
+            per_reference = result.config_lr(cfg.train.lr_reference_batch)
             print(f"swept {len(result.lrs)} steps, LR {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}"
                   + (" (stopped early: the loss diverged)" if result.stopped_early else "") + f"; plot: {path}")
             print(f"suggested peak LR {result.suggested_lr:.4g} at global batch {result.global_batch}: "
                   f"train.lr={per_reference:.4g} (train.lr is per {cfg.train.lr_reference_batch} images)", flush=True)
 
-    return _launch(lambda: (load_config(config_path, overrides), None), work, again="run lr_find again")
+    return _launch(prepare, work, again="run lr_find again")
 
 
 def _plot_path(path: Path) -> Path:
@@ -183,24 +182,5 @@ def _plot_path(path: Path) -> Path:
     return path
 
 
-def run_command(work: Callable[[], int]) -> int:
-    """A single-process tool (export, predict): a user error is one line and status 2."""
-    _one_line_warnings()
-    try:
-        return work()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except BrokenPipeError:
-        return _reader_left()
-
-
-def _one_line_warnings() -> None:
-    # Warnings (a damaged checkpoint skipped, ...) read as one line, not a source quote.
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
-
-
-def _reader_left() -> int:
-    # Whoever read our output left (`| head`): nothing more to say, and no traceback.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 1
+# The single-process tools (export, predict) use errors.exit_on_user_error; the name stays.
+run_command = exit_on_user_error

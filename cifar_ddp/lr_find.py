@@ -19,14 +19,10 @@ from typing import List
 
 import numpy as np
 
+from .assembly import (build_optimization, build_step, build_training_model, load_data, seed_everything,
+                       step_options, train_batches)
 from .config import Config
-from .data.loaders import TrainBatches
-from .data.sources import load_dataset
-from .distributed import DistContext, wrap_ddp
-from .engine import resolve_precision
-from .optim import build_optimizer
-from .step import TrainStep
-from .trainer import build_training_model, class_names, seed_everything
+from .distributed import DistContext
 
 
 @dataclass
@@ -37,18 +33,21 @@ class LRFindResult:
     stopped_early: bool          # the loss diverged before the last step
     global_batch: int
 
+    def config_lr(self, reference_batch: int) -> float:
+        """The suggestion as the user writes it: `train.lr` is per `reference_batch` images
+        (linear scaling, optim.peak_lr), the sweep ran at `global_batch`."""
+        return self.suggested_lr * reference_batch / self.global_batch
+
 
 def lr_range_test(cfg: Config, ctx: DistContext, steps: int = 200, start: float = 1e-5, end: float = 10.0,
                   smoothing: float = 0.98, diverge_factor: float = 4.0) -> LRFindResult:
     seed_everything(cfg.seed + ctx.rank)
-    train = dataclasses.replace(cfg.train, cuda_graph=False, compile=False)
+    # Eager: the sweep reads the loss back after every step to decide when to stop.
+    train, precision = step_options(dataclasses.replace(cfg.train, cuda_graph=False, compile=False), ctx.device)
     model = build_training_model(cfg, ctx)   # before the data: a bad model stops at once
-    data = load_dataset(cfg.data, seed=cfg.seed, classes=class_names(cfg))
-    batches = TrainBatches(data.train, cfg.augment, data.stats, train.batch_size, ctx.rank, ctx.world_size,
-                           cfg.seed, ctx.device, channels_last=train.channels_last)
-    optimizer = build_optimizer(model, train, start)
-    precision = resolve_precision(train.precision, ctx.device)
-    step = TrainStep(wrap_ddp(model, ctx), optimizer, train, precision, ctx.device, 0, bare_model=model)
+    data = load_data(cfg, ctx)
+    batches = train_batches(cfg, train, data, ctx)
+    step = build_step(model, build_optimization(model, train, precision, ctx, lr=start), train, precision, ctx)
     model.train()
 
     lrs, losses = [], []

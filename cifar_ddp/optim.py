@@ -8,6 +8,7 @@ with another number of steps per epoch) lands on the same point of the curve.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List
 
 import torch
@@ -35,6 +36,18 @@ def lr_at(progress: float, cfg: TrainConfig, peak: float) -> float:
         return start + (peak - start) * progress / warm
     fraction = (progress - warm) / (1.0 - warm)
     return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * fraction))
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate of each global step of a run: `lr_at` over the run's
+    `total_steps`. Pure: the same step gives the same rate, whatever came before."""
+    cfg: TrainConfig
+    peak: float
+    total_steps: int
+
+    def __call__(self, global_step: int) -> float:
+        return lr_at(global_step / max(self.total_steps, 1), self.cfg, self.peak)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:

@@ -45,6 +45,24 @@ def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
+def cpu_supports_bf16() -> bool:
+    checker = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((checker and checker()) or (amx and amx()))
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """Map train.precision "auto" to what the hardware runs fast; refuse what it cannot run."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Without native bf16 instructions autocast to bf16 is slower than fp32 on CPU.
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    return requested
+
+
 def resolve_step_options(cfg: TrainConfig, device: torch.device, precision: str) -> TrainConfig:
     """`cfg` with `cuda_graph: auto` made true or false for this device and precision,
     after refusing what cannot run here. Every builder of a step calls it (TrainStep
@@ -236,4 +254,5 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["TrainStep", "GRAPH_WARMUP_STEPS", "autocast", "capture_stream", "resolve_step_options"]
+__all__ = ["TrainStep", "GRAPH_WARMUP_STEPS", "autocast", "capture_stream", "resolve_precision",
+           "resolve_step_options"]

@@ -19,7 +19,7 @@ from typing import List, Sequence
 from torch import nn
 
 from .config import load_config
-from .errors import UserError
+from .errors import EXIT_USER_ERROR, exit_on_user_error
 from .layer_trace import TracedLayer, trace_layers
 from .receptive_field import receptive_field
 
@@ -96,16 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import build_model
     from .rules import check_rules, format_results
 
-    try:
+    def work() -> int:
         cfg = load_config(args.config, args.overrides)
         model = build_model(cfg)
         print(format_summary(model))
         results = check_rules(model, cfg.rules)
         print(format_results(results))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0 if all(r.ok for r in results) else 2
+        return 0 if all(r.ok for r in results) else EXIT_USER_ERROR
+
+    return exit_on_user_error(work)
 
 
 if __name__ == "__main__":

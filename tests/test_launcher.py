@@ -10,7 +10,7 @@ import pytest
 from cifar_ddp import launcher
 from cifar_ddp.config import load_config
 from cifar_ddp.errors import UserError
-from cifar_ddp.trainer import Preempted
+from cifar_ddp.errors import Preempted
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,9 @@ import torch
 
 from cifar_ddp import checkpoint as ckpt
 from cifar_ddp import lock
-from cifar_ddp.engine import NonFiniteLoss
+from cifar_ddp.errors import NonFiniteLoss
 from cifar_ddp.errors import UserError
-from cifar_ddp.trainer import Preempted
+from cifar_ddp.errors import Preempted
 
 from conftest import (JOB_TIMEOUT_S, REPO, assert_bitwise_equal, final_weights, job_env, make_image_folder,
                       run_job, tiny_overrides, torchrun, train_cmd, train_in_process)
@@ -263,7 +263,7 @@ import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 from cifar_ddp import launcher
 from cifar_ddp.config import load_config
-from cifar_ddp.trainer import Preempted
+from cifar_ddp.errors import Preempted
 
 def teardown(ctx):   # torchrun's SIGTERM reaches this rank while it leaves the group
     os.kill(os.getpid(), signal.SIGTERM)

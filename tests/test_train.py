@@ -14,7 +14,7 @@ from cifar_ddp.config import CIFAR10_CLASSES, config_from_dict
 from cifar_ddp.distributed import DistContext
 from cifar_ddp.evaluation import evaluate_checkpoint
 from cifar_ddp.errors import UserError
-from cifar_ddp.trainer import Preempted
+from cifar_ddp.errors import Preempted
 
 from conftest import (REPO, assert_bitwise_equal, final_weights, make_image_folder, run_job, tiny_overrides,
                       train_cmd, train_in_process)
@@ -214,12 +214,12 @@ def test_cli_reports_bad_override_without_traceback(tmp_path: Path):
 
 
 def test_ema_decay_warms_up_then_holds():
-    from cifar_ddp.trainer import _make_ema
+    from cifar_ddp.ema import WeightEma
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     # (1 + n) / (10 + n) passes 0.9 at n = 80: the 199 updates cover the warm-up and the cap.
-    ema = _make_ema(model, decay=0.9)
+    ema = WeightEma(model, 0.9)
     expected = {"weight": None, "running_mean": None}
     for n in range(1, 200):
         with torch.no_grad():

@@ -1,0 +1,128 @@
+"""The parts of a run, built one way for every caller that trains: the trainer, the LR
+range test (lr_find.py) and the benchmarks (benchmarks/throughput.py). Built in the order a
+run needs them: the step options (refusing what this device cannot run) and the network
+(its design rules checked by the caller) before the data, so a mistake stops in seconds;
+then the data (rank 0 first), the per-rank batches, the optimizer with its scaler and EMA,
+and the step that trains on them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import CIFAR10_CLASSES, Config, TrainConfig
+from .data.loaders import TrainBatches
+from .data.sources import DatasetArrays, load_dataset
+from .distributed import DistContext, wrap_ddp
+from .ema import WeightEma
+from .errors import UserError
+from .models import build_model
+from .optim import build_optimizer, peak_lr
+from .step import TrainStep, capture_stream, resolve_precision, resolve_step_options
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_options(train: TrainConfig, device: torch.device) -> Tuple[TrainConfig, str]:
+    """(train options with `cuda_graph: auto` settled for this device, the precision):
+    what cannot run here is refused now, before anything is built."""
+    precision = resolve_precision(train.precision, device)
+    return resolve_step_options(train, device, precision), precision
+
+
+def class_names(cfg: Config) -> Tuple[str, ...]:
+    if cfg.data.source == "fake":
+        return tuple(f"class{i}" for i in range(cfg.model.num_classes))
+    if cfg.model.num_classes != len(CIFAR10_CLASSES):
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but CIFAR-10 has {len(CIFAR10_CLASSES)} classes")
+    return CIFAR10_CLASSES
+
+
+def build_training_model(cfg: Config, ctx: DistContext) -> nn.Module:
+    """The network on this rank's device, with SyncBN and channels_last as configured."""
+    model = build_model(cfg)
+    if cfg.train.sync_bn and ctx.is_distributed and ctx.device.type != "cuda":
+        # torch's SyncBatchNorm has CUDA kernels only: DDP would refuse it with a traceback.
+        raise UserError("train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernels); "
+                        "leave it off on a CPU: train.sync_bn=false")
+    if cfg.train.sync_bn and ctx.is_distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(ctx.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def load_data(cfg: Config, ctx: DistContext) -> DatasetArrays:
+    """The training and evaluation splits. Rank 0 goes first, so only one process
+    downloads or decodes and fills the cache; the others then read it."""
+    if not ctx.is_main:
+        ctx.barrier()
+    try:
+        arrays = load_dataset(cfg.data, seed=cfg.seed, classes=class_names(cfg))
+    finally:
+        if ctx.is_main:
+            ctx.barrier()
+    return arrays
+
+
+def train_batches(cfg: Config, train: TrainConfig, data: DatasetArrays, ctx: DistContext) -> TrainBatches:
+    """This rank's augmented training batches (`train`: as step_options returns it)."""
+    assert data.train is not None
+    # The sampler pads the shards to one length with repeated images: each rank's own
+    # images must fill a batch, or the epoch would be (partly) the padding.
+    per_rank = len(data.train) // ctx.world_size
+    if per_rank < train.batch_size:
+        raise UserError(
+            f"train.batch_size={train.batch_size} is larger than the {per_rank} training images each of the "
+            f"{ctx.world_size} process(es) gets ({len(data.train)} in all); lower train.batch_size or use "
+            "fewer processes"
+        )
+    return TrainBatches(data.train, cfg.augment, data.stats, train.batch_size, ctx.rank, ctx.world_size,
+                        cfg.seed, ctx.device, num_workers=cfg.data.num_workers, channels_last=train.channels_last)
+
+
+@dataclass
+class Optimization:
+    """What updates the weights: the optimizer at the run's peak LR, fp16's GradScaler,
+    the weight EMA (None when off)."""
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    ema: Optional[WeightEma]
+    peak_lr: float
+    global_batch: int
+
+
+def build_optimization(model: nn.Module, train: TrainConfig, precision: str, ctx: DistContext,
+                       lr: Optional[float] = None) -> Optimization:
+    """`lr`: the optimizer's initial LR (default: the peak, by linear scaling of train.lr)."""
+    global_batch = train.batch_size * ctx.world_size
+    peak = peak_lr(train, global_batch)
+    optimizer = build_optimizer(model, train, peak if lr is None else lr)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    # BN running statistics are averaged too, so the EMA model evaluates as is.
+    ema = WeightEma(model, train.ema_decay) if train.ema_decay > 0 else None
+    return Optimization(optimizer, scaler, ema, peak, global_batch)
+
+
+def build_step(model: nn.Module, optimization: Optimization, train: TrainConfig, precision: str,
+               ctx: DistContext, first_step: int = 0) -> TrainStep:
+    """The training step over `model` (the bare module; DDP-wrapped here, on the side
+    stream a captured step needs). `train`: as step_options returns it."""
+    stream = capture_stream(train, ctx.device)
+    return TrainStep(wrap_ddp(model, ctx, stream), optimization.optimizer, train, precision, ctx.device, first_step,
+                     ema=optimization.ema, scaler=optimization.scaler, bare_model=model, stream=stream)
+
+
+__all__ = ["Optimization", "build_optimization", "build_step", "build_training_model", "class_names", "load_data",
+           "seed_everything", "step_options", "train_batches"]
