@@ -154,7 +154,6 @@ class EvalResult:
     correct: int
     total: int
     per_class_accuracy: List[float]
-    per_class_total: List[int]
     confusion: List[List[int]] = field(default_factory=list)       # [true class][predicted class]
     # Per confidence bin (top-1 probability in [b/B, (b+1)/B)): [images, sum of confidence, correct].
     calibration: List[List[float]] = field(default_factory=list)
@@ -219,7 +218,6 @@ def evaluate(model: nn.Module, shard: ImageSplit, stats: ChannelStats, ctx: Dist
         correct=sum(per_class_correct),
         total=n,
         per_class_accuracy=[c / t if t else 0.0 for c, t in zip(per_class_correct, per_class_total)],
-        per_class_total=per_class_total,
         confusion=matrix.tolist(),
         calibration=packed[1 + num_classes ** 2:].view(3, CALIBRATION_BINS).t().tolist(),
         mistakes=mistakes,

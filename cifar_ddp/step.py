@@ -65,8 +65,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 def resolve_step_options(cfg: TrainConfig, device: torch.device, precision: str) -> TrainConfig:
     """`cfg` with `cuda_graph: auto` made true or false for this device and precision,
-    after refusing what cannot run here. Every builder of a step calls it (TrainStep
-    does it again): the rest of the code sees only true or false."""
+    after refusing what cannot run here (assembly.step_options calls it before anything is
+    built; TrainStep settles an "auto" it is still given): the rest of the code sees only
+    true or false."""
     if cfg.cuda_graph == "auto":
         cfg = dataclasses.replace(cfg, cuda_graph=device.type == "cuda" and precision != "fp16")
     if cfg.cuda_graph and device.type != "cuda":
@@ -88,14 +89,16 @@ def capture_stream(cfg: TrainConfig, device: torch.device):
 
 
 class TrainStep:
-    """Call with a batch to train on it. `read()` is the only host read."""
+    """Call with a batch to train on it. Nothing in it waits on the host; the host reads the
+    device back through `read()` (at a run's sync steps) and `metrics()` (epoch ends) only.
+    lr_find, which must see every step's loss, reads `last_loss` itself."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, precision: str,
                  device: torch.device, first_step: int, ema: Optional[WeightEma] = None,
                  scaler: Optional[torch.amp.GradScaler] = None, bare_model: Optional[nn.Module] = None,
                  stream: Optional["torch.cuda.Stream"] = None) -> None:
-        cfg = resolve_step_options(cfg, device, precision)   # every caller, not only the trainer
-        self.compiled = cfg.compile
+        if cfg.cuda_graph == "auto":
+            cfg = resolve_step_options(cfg, device, precision)
         self.model = torch.compile(model, dynamic=False) if cfg.compile else model
         self.bare_model = bare_model if bare_model is not None else model
         self.optimizer, self.ema, self.scaler = optimizer, ema, scaler

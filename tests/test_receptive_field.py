@@ -199,3 +199,18 @@ def test_a_join_keeps_every_path_not_only_its_largest():
     rows = {r.layer: r for r in report.rows}
     assert rows["add"].receptive_field == 17 and rows["add"].output_size == (16, 16)
     assert report.receptive_field == 41
+
+
+def test_the_printed_table_holds_each_layers_geometry_as_hand_worked():
+    """ReceptiveFieldReport.format (README's example): one row per layer, in order, then the
+    total. Hand-worked for the seed's first layers: a 3x3 conv (RF 3), then the dilated
+    3x3 (d=2, k_eff 5: RF 3 + 4 = 7), then a 3x3 (RF 9) and the 1x1 pointwise (RF 9)."""
+    report = receptive_field(build_model("seed"), input_size=(3, 32, 32))
+    lines = report.format().splitlines()
+    assert lines[0].split() == ["layer", "k", "d", "k_eff", "s", "p", "jump", "RF", "out"]
+    assert len(lines) == 2 + len(report.rows) + 1 and lines[-1] == "receptive field: 91"
+    rows = {cells[0]: cells[1:] for cells in (line.split() for line in lines[2:-1])}
+    assert rows["Conv2d-1"] == ["3", "1", "3", "1", "1", "1", "3", "32x32"]
+    assert rows["Conv2d-5"] == ["3", "2", "5", "1", "2", "1", "7", "32x32"]
+    assert rows["Conv2d-9"][6] == "9" and rows["Conv2d-10"][:3] == ["1", "1", "1"] and rows["Conv2d-10"][6] == "9"
+    assert [line.split()[0] for line in lines[2:-1]] == [r.layer for r in report.rows]
