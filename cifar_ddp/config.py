@@ -149,6 +149,13 @@ class TrainConfig:
     # TensorBoard pictures (confusion matrix, most confident mistakes, per-class PR curves)
     # after the last epoch, and also every this many epochs (0 = the last only).
     figures_every_epochs: int = 0
+    # Evaluate every this many epochs, and always after the last one (speed recipes: a
+    # large number, so only the end is evaluated; best.pt is then the last evaluated).
+    eval_every_epochs: int = 1
+    # cuDNN autotuning (CUDA only): the first steps try every convolution algorithm for
+    # the run's shapes (seconds of set-up), then run the fastest. False: cuDNN's
+    # heuristic pick, no tuning (benchmarks/gpu_check.sh measures both).
+    cudnn_benchmark: bool = True
     # What a NaN/Inf loss does: stop the run, or skip the step and carry on.
     # Either way the bad update is never applied (it is masked on the device); the
     # decision is read at the next sync step (see log_every_steps).
@@ -397,6 +404,8 @@ def validate(cfg: Config) -> None:
     _require(t.stop_after_steps >= 0, "train.stop_after_steps must be >= 0 (0 = run to the end)")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
     _require(t.figures_every_epochs >= 0, "train.figures_every_epochs must be >= 0 (0: after the last epoch only)")
+    _require(t.eval_every_epochs >= 1, "train.eval_every_epochs must be at least 1 (1: after every epoch; the last "
+                                       "epoch is always evaluated)")
     _require(t.log_every_steps >= 1, "train.log_every_steps must be at least 1")
     for name in ("hflip_p", "affine_p", "crop_p", "cutout_p"):
         p = getattr(a, name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,8 @@ class EvalResult:
     calibration: List[List[float]] = field(default_factory=list)
     # The most confident mistakes: (confidence, index in the split, true class, predicted class).
     mistakes: List[Tuple[float, int, int, int]] = field(default_factory=list)
+    # With `with_tta_accuracy`: the flip-TTA accuracy, scored in the same forward passes.
+    accuracy_tta: Optional[float] = None
 
 
 CALIBRATION_BINS = 15
@@ -167,11 +169,18 @@ CALIBRATION_BINS = 15
 @torch.no_grad()
 def evaluate(model: nn.Module, shard: ImageSplit, stats: ChannelStats, ctx: DistContext,
              precision: str, num_classes: int, batch_size: int = 500,
-             tta_flip: bool = False, channels_last: bool = True, keep_mistakes: int = 0) -> EvalResult:
+             tta_flip: bool = False, channels_last: bool = True, keep_mistakes: int = 0,
+             with_tta_accuracy: bool = False) -> EvalResult:
     """Exact metrics over the whole split: each rank scores its disjoint shard (images
     rank, rank + W, ...) and the counts (not averages) are summed over ranks: the loss, the
     confusion matrix and the calibration bins. `keep_mistakes` > 0 also returns the split's
-    most confident mistakes, gathered from every rank."""
+    most confident mistakes, gathered from every rank.
+
+    `tta_flip`: every metric from the average of the logits of each image and its mirror.
+    `with_tta_accuracy`: the metrics of the plain logits, and `accuracy_tta` beside them.
+    Either way an image and its mirror go through the network as one batch of
+    2 x `batch_size` (one pass, not two; the model is in eval mode, so no image's result
+    depends on the rest of its batch)."""
     model.eval()
     device = ctx.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -180,12 +189,18 @@ def evaluate(model: nn.Module, shard: ImageSplit, stats: ChannelStats, ctx: Dist
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     found = []
     seen = 0
+    flip = tta_flip or with_tta_accuracy
+    tta_correct = torch.zeros((), device=device, dtype=torch.int64)
     for images, labels in eval_batches(shard, stats, batch_size, device):
         images = images.contiguous(memory_format=memory_format)
         with autocast(device, precision):
-            logits = model(images).float()
-            if tta_flip:
-                logits = (logits + model(images.flip(3)).float()) / 2
+            if flip:
+                both = model(torch.cat([images, images.flip(3)]).contiguous(memory_format=memory_format)).float()
+                plain, averaged = both[:len(labels)], (both[:len(labels)] + both[len(labels):]) / 2
+                logits = averaged if tta_flip else plain
+                tta_correct += (averaged.argmax(1) == labels).sum()
+            else:
+                logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         confidence, predicted = logits.softmax(1).max(1)
         hits = predicted == labels
@@ -199,7 +214,7 @@ def evaluate(model: nn.Module, shard: ImageSplit, stats: ChannelStats, ctx: Dist
             found.append(torch.stack([confidence[wrong].double(), local.double(), labels[wrong].double(),
                                       predicted[wrong].double()], 1).cpu())
         seen += len(labels)
-    packed = ctx.sum(torch.cat([loss_sum.view(1), confusion.double(), bins.flatten()]))
+    packed = ctx.sum(torch.cat([loss_sum.view(1), confusion.double(), bins.flatten(), tta_correct.double().view(1)]))
     loss_total = float(packed[0])
     matrix = packed[1:1 + num_classes ** 2].long().view(num_classes, num_classes)
     per_class_correct = matrix.diagonal().tolist()
@@ -219,6 +234,7 @@ def evaluate(model: nn.Module, shard: ImageSplit, stats: ChannelStats, ctx: Dist
         total=n,
         per_class_accuracy=[c / t if t else 0.0 for c, t in zip(per_class_correct, per_class_total)],
         confusion=matrix.tolist(),
-        calibration=packed[1 + num_classes ** 2:].view(3, CALIBRATION_BINS).t().tolist(),
+        calibration=packed[1 + num_classes ** 2:-1].view(3, CALIBRATION_BINS).t().tolist(),
         mistakes=mistakes,
+        accuracy_tta=float(packed[-1]) / max(n, 1) if with_tta_accuracy else None,
     )

@@ -93,10 +93,11 @@ def _who(ctx: Optional[DistContext]) -> str:
 
 
 def run_training(config_path: Optional[str], overrides: List[str]) -> int:
+    from .timing import PhaseClock
     from .trainer import run
 
     def work(cfg: Config, _: object, ctx: DistContext) -> None:
-        result = run(cfg, ctx)
+        result = run(cfg, ctx, clock=PhaseClock(since_process_start=True))
         if ctx.is_main:
             print("final: " + json.dumps({k: v for k, v in result.items() if k != "per_class_accuracy"}), flush=True)
 

@@ -30,6 +30,7 @@ class SilentLogger:
                 probabilities) -> None: ...
     def finish(self, hparams: Dict[str, Any], final: Dict[str, float],
                history: Sequence[Dict[str, Any]] = ()) -> None: ...
+    def wall_time(self, table: str) -> None: ...
 
 
 class MainLogger(SilentLogger):
@@ -116,10 +117,11 @@ class MainLogger(SilentLogger):
         self._md_rows.append(_markdown_row(epoch, row))
         self._write_markdown()
         tta = f" (flip-TTA {100 * row['test/accuracy_tta']:.2f}%)" if "test/accuracy_tta" in row else ""
+        scored = (f"{self.eval_split} loss {row['test/loss']:.4f} acc {100 * row['test/accuracy']:.2f}%{tta}"
+                  if "test/accuracy" in row else f"{self.eval_split}: not evaluated (train.eval_every_epochs)")
         self.message(
             f"epoch {epoch}/{total_epochs}  lr {row['lr']:.4g}  train loss {row['train/loss']:.4f} "
-            f"acc {100 * row['train/accuracy']:.2f}%  {self.eval_split} loss {row['test/loss']:.4f} "
-            f"acc {100 * row['test/accuracy']:.2f}%{tta}  {row['epoch_seconds']:.1f}s "
+            f"acc {100 * row['train/accuracy']:.2f}%  {scored}  {row['epoch_seconds']:.1f}s "
             f"{row['throughput/images_per_s']:.0f} img/s"
         )
 
@@ -152,12 +154,20 @@ class MainLogger(SilentLogger):
         self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in final.items()}, run_name="hparams")
         self.writer.flush()
         self.writer.close()
-        self._write_markdown("\n" + "".join(f"- final {k}: {v:.4f}\n" for k, v in final.items()))
+        self._footer = "\n" + "".join(f"- final {k}: {v:.4f}\n" for k, v in final.items())
+        self._write_markdown(self._footer)
         if history:
             from . import report
 
             # For people without TensorBoard: the run's curves as one picture.
             report.save(report.plot_curves(history, self.eval_split), self.out_dir / "curves.png")
+
+
+    def wall_time(self, table: str) -> None:
+        """Where the run's wall time went (timing.format_breakdown), on the console and at
+        the end of training_log.md."""
+        self.message("wall time:\n" + table)
+        self._write_markdown(getattr(self, "_footer", "") + "\n## Where the wall time went\n\n" + table + "\n")
 
 
 _TABLE_RULE = "|---:|---:|---:|---:|---:|---:|---:|---:|\n"
@@ -170,9 +180,10 @@ def _markdown_header(text: str) -> Optional[str]:
 
 
 def _markdown_row(epoch: int, row: Dict[str, Any]) -> str:
+    scored = (f"{row['test/loss']:.4f} | {100 * row['test/accuracy']:.2f}%" if "test/accuracy" in row
+              else "- | -")      # an epoch train.eval_every_epochs skips
     return (f"| {epoch} | {row['lr']:.4g} | {row['train/loss']:.4f} | {100 * row['train/accuracy']:.2f}% | "
-            f"{row['test/loss']:.4f} | {100 * row['test/accuracy']:.2f}% | {row['epoch_seconds']:.1f} | "
-            f"{row['throughput/images_per_s']:.0f} |\n")
+            f"{scored} | {row['epoch_seconds']:.1f} | {row['throughput/images_per_s']:.0f} |\n")
 
 
 def make_logger(is_main: bool, out_dir: Path, progress_bar: bool = True, eval_split: str = "test") -> SilentLogger:

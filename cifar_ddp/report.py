@@ -144,10 +144,12 @@ def plot_curves(history: Sequence[Dict[str, Any]], eval_split: str = "test") -> 
     for ax, key, label in ((loss, "loss", "loss"), (accuracy, "accuracy", "accuracy (%)")):
         scale = 100 if key == "accuracy" else 1
         ax.plot(epochs, [scale * row[f"train/{key}"] for row in history], marker=".", label="train")
-        ax.plot(epochs, [scale * row[f"test/{key}"] for row in history], marker=".", label=eval_split)
-        if key == "accuracy" and all("test/accuracy_tta" in row for row in history):
-            ax.plot(epochs, [100 * row["test/accuracy_tta"] for row in history], marker=".", ls="--",
-                    label=f"{eval_split}, flip TTA")
+        scored = [row for row in history if f"test/{key}" in row]     # train.eval_every_epochs may skip some
+        ax.plot([row["epoch"] for row in scored], [scale * row[f"test/{key}"] for row in scored], marker=".",
+                label=eval_split)
+        if key == "accuracy" and scored and all("test/accuracy_tta" in row for row in scored):
+            ax.plot([row["epoch"] for row in scored], [100 * row["test/accuracy_tta"] for row in scored],
+                    marker=".", ls="--", label=f"{eval_split}, flip TTA")
         ax.set_ylabel(label)
         ax.legend()
     lr.plot(epochs, [row["lr"] for row in history], marker=".")

@@ -30,6 +30,7 @@ from .files import check_writable_folder
 from .loggers import SilentLogger, make_logger
 from .models import plain_dilated_depthwise
 from .optim import LRSchedule
+from .timing import PhaseClock, format_breakdown
 
 # How many of the most confident mistakes the end-of-training pictures show.
 FIGURE_MISTAKES = 24
@@ -66,7 +67,13 @@ class Trainer:
     resumes if asked; `fit()` runs the epochs. Every method is called on every rank
     (collectives inside); only the logger and checkpoint writes are rank-0 side effects."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> None:
+    def __init__(self, cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None,
+                 clock: Optional[PhaseClock] = None) -> None:
+        self.clock = clock if clock is not None else PhaseClock()
+        with self.clock.phase("build"):
+            self._build(cfg, ctx, logger)
+
+    def _build(self, cfg: Config, ctx: DistContext, logger: Optional[SilentLogger]) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.out_dir = Path(cfg.out_dir)
         resume.refuse_to_overwrite(cfg, ctx)
@@ -78,8 +85,8 @@ class Trainer:
         self.options, self.precision = options, precision = step_options(cfg.train, ctx.device)
         seed_everything(cfg.seed)
         if ctx.device.type == "cuda":
-            # Fixed input shapes: let cuDNN pick the fastest kernels once.
-            torch.backends.cudnn.benchmark = True
+            # Fixed input shapes: cuDNN can try every kernel once and keep the fastest.
+            torch.backends.cudnn.benchmark = options.cudnn_benchmark
         # The network first, with its design rules checked: a mistake in either stops in
         # seconds, before the data loads. (Loading draws nothing from torch's generator, so
         # the initial weights are the same as when the model was built after the data.)
@@ -87,9 +94,10 @@ class Trainer:
         rules.enforce(rules.check_rules(model, cfg.rules), cfg.rules, warn=ctx.is_main)
         _warn_of_slow_depthwise(model, ctx, precision)
 
-        self.data = data = load_data(cfg, ctx)
-        self.batches = batches = train_batches(cfg, options, data, ctx)
-        self.test_shard = eval_shard(data.test, ctx.rank, ctx.world_size)
+        with self.clock.phase("data"):
+            self.data = data = load_data(cfg, ctx)
+            self.batches = batches = train_batches(cfg, options, data, ctx)
+            self.test_shard = eval_shard(data.test, ctx.rank, ctx.world_size)
         self.optimization = build_optimization(model, options, precision, ctx)
         self.ema = self.optimization.ema
         if ctx.is_main:
@@ -142,6 +150,10 @@ class Trainer:
     def save(self, is_best: bool = False) -> None:
         """Collective: every rank contributes its RNG state (and, inside an epoch, its share
         of the epoch's sums), rank 0 writes."""
+        with self.clock.phase("checkpoints"):
+            self._save(is_best)
+
+    def _save(self, is_best: bool) -> None:
         ctx = self.ctx
         rank_states = ctx.gather_objects(resume.rank_rng_state(ctx.device))
         if 0 < self.state.step_in_epoch < self.batches.steps_per_epoch:
@@ -170,8 +182,9 @@ class Trainer:
         options = self.options
         _inject_test_fault(st.global_step, self.ctx)
         if st.global_step % options.log_every_steps == 0:
-            self.logger.step(st.global_step, {"train/step_loss": read["loss"],
-                                              "lr": self.schedule(st.global_step - 1)})
+            with self.clock.phase("logging"):
+                self.logger.step(st.global_step, {"train/step_loss": read["loss"],
+                                                  "lr": self.schedule(st.global_step - 1)})
         if options.checkpoint_every_steps and st.global_step % options.checkpoint_every_steps == 0 \
                 and st.step_in_epoch < self.batches.steps_per_epoch:
             self.save()
@@ -208,8 +221,10 @@ class Trainer:
                                         desc=f"epoch {epoch + 1}/{options.epochs}", initial=start_step)
         self.meter = EpochMeter(self.step, self.ctx, carried=state.epoch_partial if start_step else ())
         try:
-            metrics = train_one_epoch(self.step, progress, self.schedule, state, self.plan, self.meter,
-                                      on_sync=self._on_sync)
+            with self.clock.phase("training steps"):
+                metrics = train_one_epoch(self.step, progress, self.schedule, state, self.plan, self.meter,
+                                          on_sync=self._on_sync)
+            self.clock.move("training steps", "set-up", metrics.setup_seconds)
         except NonFiniteLoss as exc:
             good = self.last_saved or self.resume_path
             where = (f"last good checkpoint: {good} (continue from it with train.resume=auto)" if good else
@@ -222,34 +237,21 @@ class Trainer:
                                 "(not counted in the epoch's time)")
         return metrics
 
+    def _evaluates_now(self) -> bool:
+        epoch, t = self.state.epoch, self.options
+        return epoch == t.epochs or epoch % t.eval_every_epochs == 0
+
     def _evaluate(self, metrics) -> Dict[str, Any]:
         t, ctx, state = self.options, self.ctx, self.state
-        ctx.average_buffers(self.model)
-        if self.ema is not None:
-            ctx.average_buffers(self.ema)
-        eval_model = self.ema.module if self.ema is not None else self.model
-        num_classes = self.cfg.model.num_classes
-        # The last epoch, and every figures_every_epochs, also draws pictures (TensorBoard).
-        draw = state.epoch == t.epochs or (t.figures_every_epochs and state.epoch % t.figures_every_epochs == 0)
-        self.last_eval = evaluate(eval_model, self.test_shard, self.data.stats, ctx, self.precision, num_classes,
-                                  channels_last=t.channels_last, keep_mistakes=FIGURE_MISTAKES if draw else 0)
-        if draw and ctx.is_main:
-            test = self.data.test
-            self.logger.figures(state.global_step, self.data.classes, self.last_eval.confusion,
-                                self.last_eval.mistakes, test.images, test.labels,
-                                report.probabilities(eval_model, test.images, self.data.stats, ctx.device))
         row = {
             "global_step": state.global_step,
             "lr": self.schedule(state.global_step - 1),
             "train/loss": metrics.loss, "train/accuracy": metrics.accuracy,
-            "test/loss": self.last_eval.loss, "test/accuracy": self.last_eval.accuracy,
             "epoch_seconds": metrics.seconds,
             "throughput/images_per_s": metrics.images_per_second,
         }
-        if t.tta_flip:
-            row["test/accuracy_tta"] = evaluate(eval_model, self.test_shard, self.data.stats, ctx, self.precision,
-                                                num_classes, tta_flip=True,
-                                                channels_last=t.channels_last).accuracy
+        if self._evaluates_now():
+            row.update(self._score())
         if state.scaler_skipped_steps or state.skipped_steps:
             # Logged, not raised: fp16 loss-scale backoffs are routine.
             row["skipped_steps"] = state.skipped_steps
@@ -258,10 +260,38 @@ class Trainer:
                                 f"{state.scaler_skipped_steps} by the fp16 GradScaler")
         return row
 
+    def _score(self) -> Dict[str, float]:
+        """The evaluation split's loss and accuracy (and flip-TTA's, from the same passes)."""
+        t, ctx, state = self.options, self.ctx, self.state
+        ctx.average_buffers(self.model)
+        if self.ema is not None:
+            ctx.average_buffers(self.ema)
+        eval_model = self.ema.module if self.ema is not None else self.model
+        # The last epoch, and every figures_every_epochs, also draws pictures (TensorBoard).
+        draw = state.epoch == t.epochs or (t.figures_every_epochs and state.epoch % t.figures_every_epochs == 0)
+        with self.clock.phase("evaluation"):
+            # At the training batch (an image and its mirror in one batch with TTA): a new
+            # batch size would make cuDNN autotune every convolution again.
+            self.last_eval = evaluate(eval_model, self.test_shard, self.data.stats, ctx, self.precision,
+                                      self.cfg.model.num_classes, batch_size=max(t.batch_size // (1 + t.tta_flip), 1),
+                                      channels_last=t.channels_last, keep_mistakes=FIGURE_MISTAKES if draw else 0,
+                                      with_tta_accuracy=t.tta_flip)
+        if draw and ctx.is_main:
+            with self.clock.phase("logging"):
+                test = self.data.test
+                self.logger.figures(state.global_step, self.data.classes, self.last_eval.confusion,
+                                    self.last_eval.mistakes, test.images, test.labels,
+                                    report.probabilities(eval_model, test.images, self.data.stats, ctx.device))
+        scores = {"test/loss": self.last_eval.loss, "test/accuracy": self.last_eval.accuracy}
+        if self.last_eval.accuracy_tta is not None:
+            scores["test/accuracy_tta"] = self.last_eval.accuracy_tta
+        return scores
+
     def fit(self) -> Dict[str, Any]:
         """Train to the last epoch; returns the final metrics (on every rank)."""
         t, state = self.options, self.state
-        self._announce()
+        with self.clock.phase("logging"):
+            self._announce()
         with self.stop:
             while state.epoch < t.epochs:
                 metrics = self._train_epoch()
@@ -271,11 +301,11 @@ class Trainer:
                 state.epoch += 1
                 state.step_in_epoch = 0
                 row = self._evaluate(metrics)
-                assert self.last_eval is not None
-                is_best = self.last_eval.accuracy > state.best_accuracy
-                state.best_accuracy = max(state.best_accuracy, self.last_eval.accuracy)
+                is_best = "test/accuracy" in row and row["test/accuracy"] > state.best_accuracy
+                state.best_accuracy = max(state.best_accuracy, row.get("test/accuracy", -1.0))
                 state.history.append({k: v for k, v in row.items()} | {"epoch": state.epoch})
-                self.logger.epoch(state.epoch, t.epochs, row)
+                with self.clock.phase("logging"):
+                    self.logger.epoch(state.epoch, t.epochs, row)
                 self.save(is_best=is_best)
                 if state.epoch < t.epochs and (metrics.stop_requested or self._should_stop()):
                     self._interrupt()
@@ -291,12 +321,16 @@ class Trainer:
         }
         if "test/accuracy_tta" in last:
             final["test_accuracy_tta"] = last["test/accuracy_tta"]
-        self.logger.finish(_hparams(self.cfg, self.ctx), final, self.state.history)
+        with self.clock.phase("logging"):
+            self.logger.finish(_hparams(self.cfg, self.ctx), final, self.state.history)
         # DDP keeps replicas identical by construction; the digests let anyone check it.
         digests = self.ctx.gather_objects(weights_digest(self.model))
+        # Where the wall time went, from the process's start (the launcher's clock) to here.
+        wall = self.clock.breakdown()
+        self.logger.wall_time(format_breakdown(wall))
         # The keys say test_ for both splits (a stable interface); `evaluated_on` says which.
         return {**final, "evaluated_on": eval_split(self.cfg), "epochs": self.state.epoch,
-                "setup_seconds": round(self.setup_seconds, 2),
+                "setup_seconds": round(self.setup_seconds, 2), "wall_time_s": wall,
                 "global_step": self.state.global_step, "world_size": self.ctx.world_size, "replica_digests": digests,
                 "per_class_accuracy": self.last_eval.per_class_accuracy if self.last_eval else None}
 
@@ -311,7 +345,8 @@ def _warn_of_slow_depthwise(model: nn.Module, ctx: DistContext, precision: str) 
                       + "; build it with cifar_ddp.models.blocks.DepthwiseConv2d (same weights)", stacklevel=3)
 
 
-def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) -> Dict[str, Any]:
+def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None,
+        clock: Optional[PhaseClock] = None) -> Dict[str, Any]:
     """Train as `cfg` says; returns the final metrics (on every rank). Rank 0, which writes
     everything, holds out_dir for the whole run (lock.hold): no other run can write there."""
     held = None
@@ -319,7 +354,7 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None) ->
         check_writable_folder(Path(cfg.out_dir), "out_dir")
         held = out_dir_lock.hold(Path(cfg.out_dir))
     try:
-        return Trainer(cfg, ctx, logger).fit()
+        return Trainer(cfg, ctx, logger, clock).fit()
     finally:
         if held is not None:
             held.release()

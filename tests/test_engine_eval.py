@@ -82,3 +82,25 @@ def test_mistake_indices_on_a_later_rank_across_several_batches_point_at_the_rig
         assert abs(c - confidence[i].item()) < 1e-5
     # Most confident first.
     assert [m[0] for m in result.mistakes] == sorted((m[0] for m in result.mistakes), reverse=True)
+
+
+def test_plain_and_flip_tta_accuracy_come_from_one_pass_and_equal_two_separate_ones():
+    """with_tta_accuracy: the plain metrics and the flip-TTA accuracy in one evaluation, each
+    equal to its own evaluation; playing rank 1 of 2 (14 images: batches of 4, 4, 4, 2). The
+    labels are the float64 TTA predictions, so the TTA accuracy must be exactly 1 and an
+    image paired with another's mirror would show."""
+    model, data = lopsided_model(), split(29, seed=3)
+    shard = eval_shard(data, 1, 2)
+    with torch.no_grad():
+        x = normalized(shard.images)
+        reference = copy.deepcopy(model).double()
+        shard = ImageSplit(shard.images, ((reference(x) + reference(x.flip(3))) / 2).argmax(1).numpy())
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    both = run(model, shard, batch_size=4, with_tta_accuracy=True)
+    assert calls == [8, 8, 8, 4], "one forward per batch, the image and its mirror together"
+    plain = run(model, shard, batch_size=4)
+    tta = run(model, shard, batch_size=4, tta_flip=True)
+    assert both.confusion == plain.confusion and abs(both.loss - plain.loss) < 1e-6
+    assert both.accuracy == plain.accuracy < 1.0 and plain.accuracy_tta is None
+    assert both.accuracy_tta == tta.accuracy == 1.0

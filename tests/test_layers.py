@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Lowest first; a module may import its own layer and the ones below it.
 LAYERS = [
-    ["cifar_ddp", "errors", "config", "files", "distributed", "lock", "checkpoint", "layer_trace",
+    ["cifar_ddp", "errors", "config", "files", "distributed", "lock", "checkpoint", "timing", "layer_trace",
      "receptive_field", "rules"],
     ["models", "models.blocks", "models.registry", "models.references", "models.seed", "models.sep_resnet",
      "data", "data.sources", "data.transforms", "data.loaders", "optim", "ema", "step"],
