@@ -25,6 +25,7 @@ import hashlib
 import io
 import pickle
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -162,6 +163,62 @@ def save(directory: Path, payload: Dict[str, Any], global_step: int, keep: int, 
     for stale in directory.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
     return step_path
+
+
+def to_host(value: Any) -> Any:
+    """A copy of a payload whose tensors are on the CPU and share no memory with the live
+    ones (a state_dict's tensors are the parameters themselves, which training changes)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: to_host(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(item) for item in value)
+    return value
+
+
+class SaveFailed(Exception):
+    """A background save failed: `error` (an OSError, say) and the size of what it wrote."""
+
+    def __init__(self, error: BaseException, size: int) -> None:
+        super().__init__(str(error))
+        self.error, self.size = error, size
+
+
+class BackgroundSaver:
+    """Writes checkpoints (`save`) on a worker thread, so that training goes on meanwhile.
+    One save at a time: the next one waits for the previous one, and a failure is raised
+    (as SaveFailed) by the next `submit` or `wait`. The files are as atomic and checksummed
+    as ever: a process killed mid-write leaves the previous checkpoint. The thread is not a
+    daemon, so an interpreter that exits still finishes the write first."""
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._failure: Optional[SaveFailed] = None
+        self.last_written: Optional[Path] = None
+
+    def submit(self, directory: Path, payload: Dict[str, Any], global_step: int, keep: int, is_best: bool,
+               save_number: int) -> None:
+        self.wait()
+        host = to_host(payload)     # now, before training changes the tensors again
+
+        def write() -> None:
+            try:
+                self.last_written = save(directory, host, global_step, keep, is_best, save_number)
+            except BaseException as exc:  # noqa: BLE001 - reported on the training thread
+                self._failure = SaveFailed(exc, len(encode({**host, "save_number": save_number})))
+
+        self._thread = threading.Thread(target=write, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the save in progress is on disk; raises SaveFailed if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
 
 
 def resume_candidates(directory: Path) -> List[Path]:

@@ -124,7 +124,8 @@ class Trainer:
         self.stop = StopSignal()
         self.signals_received: Dict[int, int] = {}
         self.last_eval: Optional[EvalResult] = None
-        self.last_saved: Optional[Path] = None
+        # Rank 0 writes checkpoints on a worker thread while training goes on.
+        self.saver = ckpt.BackgroundSaver()
 
     def _announce(self) -> None:
         cfg, ctx, data, state = self.cfg, self.ctx, self.data, self.state
@@ -162,24 +163,38 @@ class Trainer:
         if ctx.is_main:
             payload = resume.payload(self.cfg, ctx, self.model, self.optimization, self.state, rank_states,
                                      self.static)
-            directory = ckpt.checkpoint_dir(self.out_dir)
-            try:
-                self.last_saved = ckpt.save(directory, payload, self.state.global_step,
-                                            self.options.keep_checkpoints, is_best, self.save_number)
-            except OSError as exc:
-                # The write goes to a temporary file first: the previous checkpoint is intact.
-                size = len(ckpt.encode(payload)) / 2**20
-                raise UserError(f"cannot write a checkpoint in '{directory}' ({exc.strerror}); free space there "
-                                f"(each checkpoint file takes {size:.1f} MB) and continue "
-                                f"with --resume; the previous checkpoint is intact: {self.last_saved or 'none'}"
-                                ) from None
+            self._saved(lambda: self.saver.submit(ckpt.checkpoint_dir(self.out_dir), payload, self.state.global_step,
+                                                  self.options.keep_checkpoints, is_best, self.save_number))
         self.save_number += 1
         ctx.barrier()
+
+    def _saved(self, write) -> None:
+        """`write()` (a submit or a wait of the saver), with a failed save as one line."""
+        try:
+            write()
+        except ckpt.SaveFailed as failed:
+            if not isinstance(failed.error, OSError):
+                raise failed.error from None
+            # The write goes to a temporary file first: the previous checkpoint is intact.
+            raise UserError(f"cannot write a checkpoint in '{ckpt.checkpoint_dir(self.out_dir)}' "
+                            f"({failed.error.strerror}); free space there (each checkpoint file takes "
+                            f"{failed.size / 2**20:.1f} MB) and continue with --resume; the previous checkpoint "
+                            f"is intact: {self.saver.last_written or 'none'}") from None
+
+    def _finish_writes(self) -> None:
+        """Wait until every checkpoint submitted is on disk (rank 0), before the run ends."""
+        if self.ctx.is_main:
+            with self.clock.phase("checkpoints"):
+                self._saved(self.saver.wait)
 
     def _on_sync(self, st: TrainState, read: Dict[str, float]) -> bool:
         """At the sync steps (engine.SyncPlan) and at the epoch's end: log, checkpoint, and
         decide whether to stop."""
         options = self.options
+        if _test_fault_set():
+            # The recovery tests kill a rank here and expect the checkpoints saved so far.
+            self._finish_writes()
+            self.ctx.barrier()
         _inject_test_fault(st.global_step, self.ctx)
         if st.global_step % options.log_every_steps == 0:
             with self.clock.phase("logging"):
@@ -203,6 +218,7 @@ class Trainer:
         return bool(self.signals_received)
 
     def _interrupt(self) -> None:
+        self._finish_writes()
         reason = _stop_reason(self.signals_received, self.ctx.world_size, self.options.stop_after_steps)
         self.logger.message(f"{reason} at step {self.state.global_step}; checkpoint in "
                             f"{ckpt.checkpoint_dir(self.out_dir)}; continue with train.resume=auto")
@@ -226,7 +242,8 @@ class Trainer:
                                           on_sync=self._on_sync)
             self.clock.move("training steps", "set-up", metrics.setup_seconds)
         except NonFiniteLoss as exc:
-            good = self.last_saved or self.resume_path
+            self._finish_writes()
+            good = self.saver.last_written or self.resume_path
             where = (f"last good checkpoint: {good} (continue from it with train.resume=auto)" if good else
                      "no checkpoint was written before it (start again with the change)")
             raise NonFiniteLoss(f"{exc}; {where}") from None
@@ -309,6 +326,7 @@ class Trainer:
                 self.save(is_best=is_best)
                 if state.epoch < t.epochs and (metrics.stop_requested or self._should_stop()):
                     self._interrupt()
+        self._finish_writes()
         return self._finish()
 
     def _finish(self) -> Dict[str, Any]:
@@ -367,6 +385,10 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _test_fault_set() -> bool:
+    return any(os.environ.get(v) for v in ("CIFAR_DDP_TEST_SIGKILL", "CIFAR_DDP_TEST_SIGNAL"))
 
 
 def _inject_test_fault(global_step: int, ctx: DistContext) -> None:

@@ -142,3 +142,57 @@ def test_fallback_goes_by_step_through_last_and_best_then_older_step_files(tmp_p
             warnings.simplefilter("ignore")    # "cannot be used": what the test does on purpose
             path, payload = ckpt.find_resumable(directory)
         assert (path.name, payload["train_state"]["global_step"]) == (name, step), damaged
+
+
+def test_a_background_save_writes_the_state_as_it_was_when_submitted(tmp_path: Path):
+    """Training changes the tensors in place right after a save is submitted: the file holds
+    the values of the moment of the save, and a failure is raised by the next wait."""
+    directory = tmp_path / "checkpoints"
+    weights = torch.arange(1_000_000, dtype=torch.float32)
+    saver = ckpt.BackgroundSaver()
+    saver.submit(directory, {"model": {"w": weights}, "config": {}}, global_step=3, keep=2, is_best=True,
+                 save_number=1)
+    weights.add_(1.0)                      # the next training step, while the file is written
+    saver.wait()
+    assert saver.last_written == directory / ckpt.step_file_name(1, 3)
+    for name in (ckpt.step_file_name(1, 3), "last.pt", "best.pt"):
+        saved = ckpt.load_file(directory / name)
+        assert torch.equal(saved["model"]["w"], torch.arange(1_000_000, dtype=torch.float32)), name
+        assert saved["save_number"] == 1
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    saver.submit(blocked / "checkpoints", {"model": {}, "config": {}}, 5, 2, False, 3)
+    with pytest.raises(ckpt.SaveFailed) as failed:
+        saver.wait()
+    assert isinstance(failed.value.error, OSError) and failed.value.size > 0
+    saver.wait()                           # reported once
+
+
+BACKGROUND_SAVE_THEN_DIE = """
+import os, signal, sys, torch
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from cifar_ddp import checkpoint as ckpt
+directory = Path({directory!r})
+saver = ckpt.BackgroundSaver()
+saver.submit(directory, {{"model": {{"v": torch.zeros(3)}}, "config": {{}}}}, 1, 2, False, 1)
+saver.wait()
+def die(fd):
+    os.kill(os.getpid(), signal.SIGKILL)   # the writer thread is killed with its process, bytes written
+os.fsync = die
+saver.submit(directory, {{"model": {{"v": torch.ones(3)}}, "config": {{}}}}, 2, 2, False, 2)
+saver.wait()
+"""
+
+
+def test_a_process_killed_during_a_background_save_keeps_the_previous_checkpoint(tmp_path: Path):
+    directory = tmp_path / "checkpoints"
+    done = subprocess.run([sys.executable, "-c", BACKGROUND_SAVE_THEN_DIE.format(repo=str(REPO),
+                                                                                directory=str(directory))],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    assert list(directory.glob(".*.tmp")), "the killed save left its temporary file"
+    assert torch.equal(ckpt.load_file(directory / "last.pt")["model"]["v"], torch.zeros(3))
+    assert [step for step, _ in ckpt.step_files(directory)] == [1]
+    path, payload = ckpt.find_resumable(directory)
+    assert path.name == ckpt.step_file_name(1, 1) and torch.equal(payload["model"]["v"], torch.zeros(3))
