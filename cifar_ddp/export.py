@@ -106,8 +106,8 @@ def check_safetensors_destination(out: Path, force: bool) -> None:
         raise UserError(f"--out '{out}' already holds {' and '.join(present)}; pass --force to replace an earlier "
                         "export, or pick another --out")
     if present and not _is_safetensors_export(out):
-        raise UserError(f"--out '{out}' holds {' and '.join(present)} that are not an earlier export; --force "
-                        "replaces only an export: pick another --out")
+        raise UserError(f"--out '{out}' holds {' and '.join(present)} but is not an earlier export (a run's "
+                        "out_dir?); --force replaces only an export: pick another --out")
 
 
 def _is_safetensors_export(folder: Path) -> bool:
@@ -210,14 +210,15 @@ def write_safetensors_checked(model: torch.nn.Module, classes: List[str], config
 
 def _write_safetensors(model: torch.nn.Module, classes: List[str], config: Dict[str, Any], used_ema: bool,
                        folder: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     network = model.model                      # NormalizedModel: its normalization goes in the metadata
     # Each tensor on its own (safetensors refuses tensors sharing memory), in the layout it names.
     state = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in network.state_dict().items()}
     metadata = {"format": "pt", "classes": json.dumps(classes), "mean": json.dumps(model.mean.flatten().tolist()),
                 "std": json.dumps(model.std.flatten().tolist()), "weights": "ema" if used_ema else "raw"}
-    save_file(state, str(folder / SAFETENSORS_WEIGHTS), metadata=metadata)
+    # As bytes, written by Python: the file gets the mode any other file would (save_file makes it 0600).
+    (folder / SAFETENSORS_WEIGHTS).write_bytes(save(state, metadata=metadata))
     (folder / SAFETENSORS_CONFIG).write_text(json.dumps(config, indent=2))
 
 
