@@ -372,6 +372,12 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _configs(args: argparse.Namespace) -> int:
+    from .launcher import run_command
+
+    return run_command(_list_configs)
+
+
+def _list_configs() -> int:
     from .config import packaged_config_names, packaged_configs_dir
 
     folder = packaged_configs_dir()
