@@ -12,5 +12,18 @@ from .config import Config, load_config  # noqa: E402
 from .errors import ConfigError, UserError  # noqa: E402
 from .receptive_field import ReceptiveFieldError, receptive_field  # noqa: E402
 
-__all__ = ["Config", "load_config", "ConfigError", "UserError", "ReceptiveFieldError", "receptive_field"]
+__all__ = ["Config", "load_config", "ConfigError", "UserError", "ReceptiveFieldError", "receptive_field",
+           "train", "load_model", "TrainResult"]
 __version__ = "0.1.0"
+
+_API = ("train", "load_model", "TrainResult")
+
+
+def __getattr__(name: str):
+    # The notebook API (cifar_ddp/api.py) is imported on first use: `import cifar_ddp` stays
+    # light, and a launcher that imports the package does not load the trainer through it.
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cifar_ddp' has no attribute '{name}'")

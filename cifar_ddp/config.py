@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import os
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -270,11 +272,25 @@ def _build(cls: type, values: Dict[str, Any], prefix: str = "") -> Any:
     unknown = [k for k in values if k not in fields]
     if unknown:
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; allowed keys under "
-            f"'{prefix.rstrip('.') or '<top level>'}' are: {', '.join(sorted(fields))}"
+            f"unknown config key '{prefix}{unknown[0]}';{_did_you_mean(prefix, str(unknown[0]), fields)} allowed keys "
+            f"under '{prefix.rstrip('.') or '<top level>'}' are: {', '.join(sorted(fields))}"
         )
     kwargs = {name: _coerce(values[name], fields[name], prefix + name) for name in values}
     return cls(**kwargs)
+
+
+def _did_you_mean(prefix: str, name: str, fields: Dict[str, Any]) -> str:
+    """' did you mean 'train.epochs'?' for a misspelt key: the nearest key of its own section,
+    else a key of that name in another section (`epochs=3` for train.epochs), else ''."""
+    near = difflib.get_close_matches(name, fields, n=1)
+    if near:
+        return f" did you mean '{prefix}{near[0]}'?"
+    if not prefix:
+        elsewhere = [f"{section}.{name}" for section, tp in fields.items()
+                     if dataclasses.is_dataclass(tp) and name in _fields(tp)]
+        if elsewhere:
+            return f" did you mean '{elsewhere[0]}'?"
+    return ""
 
 
 def _parse_override(text: str) -> Tuple[List[str], Any]:
@@ -323,15 +339,43 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
+def packaged_configs_dir() -> Path:
+    """The configs that ship with cifar_ddp. An installed wheel holds them inside the package
+    (setup.cfg maps the checkout's configs/ to cifar_ddp/configs); run from a checkout (an
+    editable install, launch/*.py) they are the checkout's configs/ beside the package."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def packaged_config_names() -> List[str]:
+    return sorted(p.stem for p in packaged_configs_dir().glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A bare name (no folder, no suffix: `seed`) is the packaged config of that name, so
+    that `--config seed` works from any folder; anything else is a path, as given."""
+    text = str(path)
+    if "/" not in text and os.sep not in text and not Path(text).suffix:
+        packaged = packaged_configs_dir() / f"{text}.yaml"
+        if packaged.is_file():
+            return packaged
+    return Path(path)
+
+
 def load_config(path: str | Path | None = None, overrides: List[str] | None = None) -> Config:
-    """Defaults <- YAML file <- dotted overrides, then validated."""
+    """Defaults <- YAML file (a path, or a packaged config's name) <- dotted overrides, then validated."""
     tree: Dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         if path.is_dir():
             raise ConfigError(f"config file '{path}' is a folder; pass a YAML file in it, e.g. configs/seed.yaml")
         if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. configs/seed.yaml")
+            names = packaged_config_names()
+            near = difflib.get_close_matches(str(path), names, n=1)
+            raise ConfigError(f"config file '{path}' does not exist;{f' did you mean {near[0]}?' if near else ''} "
+                              f"pass an existing YAML file or the name of a packaged config: {', '.join(names)} "
+                              "(`cifar-ddp configs` says what each is for)")
         loaded = _read_mapping(path, "config file", "at the top level")
         if loaded is None:
             warnings.warn(f"config file '{path}' is empty: the defaults are used, with the overrides given",

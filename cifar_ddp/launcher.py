@@ -104,6 +104,18 @@ def run_training(config_path: Optional[str], overrides: List[str]) -> int:
     return _launch(lambda: (load_config(config_path, overrides), None), work)
 
 
+def train_here(cfg: Config) -> dict:
+    """One training run in this process, for the notebook API (cifar_ddp.api.train): the
+    process group joined and left around it, errors raised as they are."""
+    from .trainer import run
+
+    ctx = init_distributed(cfg.device)
+    try:
+        return run(cfg, ctx)
+    finally:
+        shutdown(ctx)
+
+
 def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tta_flip: bool,
                    report_dir: Optional[str] = None, gallery: int = 25, cam_layer: str = "",
                    trust_model_code: bool = False) -> int:

@@ -11,7 +11,6 @@ config or model cannot be built - usable as a check in a student's CI.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import List, Sequence
@@ -88,16 +87,18 @@ def format_summary(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. model.dropout=0.1 or "
-                                                     "model.name=path/to/file.py:ClassName model.args.width=24")
-    args = parser.parse_intermixed_args(argv)
+    """`python -m cifar_ddp.summary`, the older name of `cifar-ddp summary` (cifar_ddp/cli.py)."""
+    from .cli import run
+
+    return run("summary", sys.argv[1:] if argv is None else argv, prog="python -m cifar_ddp.summary")
+
+
+def print_summary(config: str | None, overrides: List[str]) -> int:
     from .models import build_model
     from .rules import check_rules, format_results
 
     def work() -> int:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, overrides)
         model = build_model(cfg)
         print(format_summary(model))
         results = check_rules(model, cfg.rules)

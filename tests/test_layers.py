@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Lowest first; a module may import its own layer and the ones below it.
 LAYERS = [
-    ["cifar_ddp", "errors", "config", "files", "distributed", "lock", "checkpoint", "timing", "layer_trace",
+    ["errors", "config", "files", "distributed", "lock", "checkpoint", "timing", "layer_trace",
      "receptive_field", "rules"],
     ["models", "models.blocks", "models.registry", "models.references", "models.seed", "models.sep_resnet",
      "data", "data.sources", "data.transforms", "data.loaders", "optim", "ema", "step"],
@@ -21,6 +21,8 @@ LAYERS = [
     ["evaluation", "lr_find", "export", "summary"],
     ["trainer"],
     ["launcher"],
+    # The faces: the command, the notebook API, and the package itself (which hands out the API).
+    ["cli", "api", "__main__", "cifar_ddp"],
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
 
