@@ -86,13 +86,6 @@ def format_summary(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) ->
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m cifar_ddp.summary`, the older name of `cifar-ddp summary` (cifar_ddp/cli.py)."""
-    from .cli import run
-
-    return run("summary", sys.argv[1:] if argv is None else argv, prog="python -m cifar_ddp.summary")
-
-
 def print_summary(config: str | None, overrides: List[str]) -> int:
     from .models import build_model
     from .rules import check_rules, format_results
@@ -109,4 +102,7 @@ def print_summary(config: str | None, overrides: List[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m cifar_ddp.summary`: the older name of `cifar-ddp summary`.
+    from cifar_ddp.cli import run
+
+    sys.exit(run("summary", sys.argv[1:], prog="python -m cifar_ddp.summary"))

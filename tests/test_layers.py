@@ -37,7 +37,11 @@ def imports(path: Path, package: str):
     """The cifar_ddp modules `path` imports, as names relative to cifar_ddp ("data.loaders");
     `package`: the package `path` is in, relative to cifar_ddp ("" at the top)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    # What `python -m cifar_ddp.x` runs (an `if __name__ == "__main__":` block) is an entry
+    # point, not part of the module: it may call the command line above it.
+    tree.body = [node for node in tree.body if not (isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))]
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package.split(".") if package else []
             base = base[:len(base) - (node.level - 1)]
