@@ -16,7 +16,7 @@
 Last line: speedup_vs_naive=(2)/(1) compiled_vs_default=(3)/(2) ddp_efficiency=(4)/(2)
 ("skipped" for a path not measured).
 
-    python benchmarks/throughput.py --quick
+    python benchmarks/throughput.py --quick         # on a CPU without (3): compiling takes minutes there
     python benchmarks/throughput.py --data-root /tmp/cifar10-jpeg     # real images instead of fake
     python benchmarks/throughput.py --set model.dropout=0             # any config override
     python benchmarks/throughput.py --batch-size 512 --skip naive     # GPU recipe's batch
@@ -146,7 +146,8 @@ def measure_ddp(args: argparse.Namespace) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps: under two minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer steps, and no compiled path on a CPU: a few minutes at most")
     parser.add_argument("--batch-size", type=int, default=256, help="per process (default %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first")
@@ -187,7 +188,12 @@ def main() -> None:
         naive = measure_naive(args)
         print(f"(1) naive baseline (albumentations DataLoader, fp32): {naive:10.1f} images/s", flush=True)
         ratios["speedup_vs_naive"] = f"{default / naive:.2f}"
-    if "compiled" not in args.skip:
+    if "compiled" not in args.skip and args.quick and not torch.cuda.is_available():
+        # Compiling on a CPU takes minutes (past 5 on a loaded 2-core machine): --quick
+        # would not be quick. Without --quick it is measured.
+        print("(3) compiled skipped: --quick on a CPU (inductor compiles for minutes); run without --quick "
+              "to measure it", flush=True)
+    elif "compiled" not in args.skip:
         extra = compiled_overrides()
         compiled = measure_cifar_ddp(args, extra)
         print(f"(3) cifar_ddp, {' '.join(extra)}: {compiled:10.1f} images/s", flush=True)

@@ -8,7 +8,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, job_env
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import model_speed  # noqa: E402
@@ -60,3 +60,18 @@ def test_set_applies_to_every_recipe_and_lifts_a_cuda_only_option():
     assert (cfg.model.name, cfg.train.batch_size, cfg.train.cuda_graph, run.steps) == ("seed", 512, False, 12)
     _, run, cfg = timed_config("sep=configs/sep_resnet10.yaml", for_all=["train.batch_size=128"])
     assert (cfg.train.batch_size, run.batch_size, run.steps) == (128, 128, 48)
+
+
+def test_wall_time_prints_a_breakdown_that_adds_up_to_the_start_to_exit_time():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "wall_time.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
+                           "data.source=fake", "data.fake_size=64", "train.epochs=1", "train.batch_size=16"],
+                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip().strip("*"): float(line.split("|")[2].strip().strip("*"))
+            for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| phase")}
+    total = rows.pop("start to exit")
+    assert set(rows) == {"start-up", "data", "build", "set-up", "training steps", "evaluation", "checkpoints",
+                         "logging", "other", "teardown"}
+    assert abs(sum(rows.values()) - total) <= 0.011 * len(rows)      # each row is rounded to 0.01 s
+    share = float(done.stdout.strip().splitlines()[-1].split("=")[1])
+    assert share == pytest.approx(rows["training steps"] / total, abs=2e-3)
