@@ -22,6 +22,7 @@ from . import lock as out_dir_lock
 from . import report, rules
 from .config import CIFAR10_CLASSES, Config
 from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_shard
+from .data.mixing import mixing_enabled
 from .data.sources import DatasetArrays, load_dataset
 from .data.transforms import BatchAugment
 from .distributed import DistContext, wrap_ddp
@@ -164,7 +165,8 @@ class Trainer:
         assert data.train is not None
         self.batches = batches = TrainBatches(data.train, cfg.augment, data.stats, t.batch_size, ctx.rank,
                                               ctx.world_size, cfg.seed, ctx.device,
-                                              num_workers=cfg.data.num_workers, channels_last=t.channels_last)
+                                              num_workers=cfg.data.num_workers, channels_last=t.channels_last,
+                                              num_classes=cfg.model.num_classes)
         # The sampler pads the shards to one length with repeated images: each rank's own
         # images must fill a batch, or the epoch would be (partly) the padding.
         per_rank = len(data.train) // ctx.world_size
@@ -220,6 +222,8 @@ class Trainer:
             "params": sum(p.numel() for p in self.model.parameters()), "augment": cfg.augment.backend,
             "compile": self.t.compile, "cuda graph": self.t.cuda_graph,
         }
+        if mixing_enabled(cfg.augment):
+            info["train accuracy"] = "against each mixed image's dominant label (mixup/CutMix on)"
         self.logger.start(cfg.to_dict(), info, history=state.history)
         if state.global_step == 0 and ctx.is_main:
             self.logger.images("train/augmented", _preview(data, cfg), 0)
