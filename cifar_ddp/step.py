@@ -193,9 +193,9 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=not self.cuda_graph)
         if self.scaler is not None:
             # fp16: the GradScaler masks overflowing steps itself, on the device (fused optimizers).
-            scale = self.scaler._get_scale_async()
-            before = scale.clone()
-            self.scaler.scale(loss).backward()
+            scaled = self.scaler.scale(loss)   # first, as it creates the scale on the first step
+            before = self.scaler._get_scale_async().clone()
+            scaled.backward()
             if self.clip_grad_norm:
                 self.scaler.unscale_(self.optimizer)   # clip the true gradients, not the scaled ones
                 self._clip(torch.nn.utils.get_total_norm(self._grads(), foreach=True))
