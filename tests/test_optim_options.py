@@ -192,3 +192,27 @@ def test_alternate_flip_settings_are_checked():
         config_from_dict({"augment": {"flip": "alternate", "hflip_p": 0.3}})
     with pytest.raises(ConfigError, match="augment.backend=tensor"):
         config_from_dict({"augment": {"flip": "alternate", "backend": "albumentations"}})
+
+
+SYNCING = ("item", "__bool__", "__float__", "__int__", "tolist", "numpy")
+
+
+def test_clipping_multiplied_lrs_and_soft_targets_read_nothing_back(monkeypatch):
+    """Every host read (item, bool, float, ...) inside the step is counted: with clipping,
+    a BN-bias LR group and mixed (soft) targets there are none, as without them."""
+    model = bn_net()
+    cfg = TrainConfig(clip_grad_norm=0.1, bn_bias_lr_mult=64.0)
+    step = TrainStep(model, build_optimizer(model, cfg, 0.1), cfg, "fp32", CPU, first_step=0)
+    images, labels = batch()
+    soft = 0.7 * F.one_hot(labels, 10).float() + 0.3 * F.one_hot(labels.roll(1), 10).float()
+    step(images, soft)   # the first step may initialise lazily
+    reads = []
+    for name in SYNCING:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k: (reads.append(_n),
+                                                                                         _real(self, *a, **k))[1])
+    for _ in range(3):
+        step.set_lr(0.05)
+        step(images, soft)
+    monkeypatch.undo()
+    assert reads == []
