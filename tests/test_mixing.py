@@ -224,3 +224,28 @@ def test_bad_mixing_settings_name_the_key(key, value, words):
 def test_mixing_needs_the_tensor_backend():
     with pytest.raises(ConfigError, match="augment.backend=tensor"):
         config_from_dict({"augment": {"cutmix_alpha": 1.0, "backend": "albumentations"}})
+
+
+@pytest.mark.slow
+def test_every_new_option_on_an_interrupted_run_resumes_bitwise(tmp_path):
+    """Mixup + CutMix with a ramp, the alternating flip, clipping, the BN-bias LR group with
+    frozen gains and BN momentum: stopped inside epoch 2 and resumed, the weights are
+    bit for bit those of the straight run (the epoch's draws follow from (seed, rank, epoch))."""
+    from cifar_ddp import checkpoint as ckpt
+    from cifar_ddp.trainer import Preempted
+
+    from conftest import REPO, assert_bitwise_equal, final_weights, train_in_process
+
+    settings = {"train.epochs": 3, "model.name": f"{REPO}/examples/tiny_net.py:TinyNet", "model.args.width": 8,
+                "train.checkpoint_every_steps": 4, "augment.mixup_alpha": 0.4, "augment.cutmix_alpha": 1.0,
+                "augment.mix_prob": 0.7, "augment.mix_ramp_epochs": 2, "augment.flip": "alternate",
+                "train.clip_grad_norm": 0.5, "train.bn_bias_lr_mult": 16, "train.bn_freeze_weight": "true",
+                "model.bn_momentum": 0.4}
+    straight = train_in_process(tmp_path / "straight", **settings)
+    with pytest.raises(Preempted):
+        train_in_process(tmp_path / "split", **settings, **{"train.stop_after_steps": 8})
+    assert ckpt.load_file(ckpt.checkpoint_dir(tmp_path / "split") / "last.pt")["train_state"]["global_step"] == 8
+    resumed = train_in_process(tmp_path / "split", **settings, **{"train.resume": "auto"})
+    assert resumed["global_step"] == straight["global_step"] == 18
+    assert_bitwise_equal(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
+    assert resumed["train_accuracy"] == straight["train_accuracy"]
