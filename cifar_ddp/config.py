@@ -135,7 +135,14 @@ class TrainConfig:
     epochs: int = 24
     # Per process; the global batch is batch_size x world size.
     batch_size: int = 256
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # muon: torch.optim.Muon for the dense and pointwise (1x1) conv weights, flattened to
+    # 2-D, and SGD (momentum, nesterov, weight_decay below) for everything else: depthwise
+    # convs, BatchNorm, biases, the linear head (optim.MuonWithSGD).
+    optimizer: Literal["sgd", "adamw", "muon"] = "sgd"
+    # muon only: Muon's peak LR (not scaled with the batch), on the same schedule as `lr`,
+    # and its momentum (Nesterov). Its weight decay is `weight_decay`, decoupled (x lr).
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     # Peak learning rate for a global batch of `lr_reference_batch`; it is
     # scaled linearly with the real global batch.
     lr: float = 0.2
@@ -419,7 +426,9 @@ def validate(cfg: Config) -> None:
     _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     # Every optimizer argument is checked here: torch's own ValueError would be a traceback.
     _require(0 <= t.momentum < 1, f"train.momentum is {t.momentum}; it must be in [0, 1) (0: plain SGD)")
-    _require(not (t.nesterov and t.optimizer == "sgd" and t.momentum <= 0),
+    _require(t.muon_lr > 0, f"train.muon_lr is {t.muon_lr}; it must be positive")
+    _require(0 <= t.muon_momentum < 1, f"train.muon_momentum is {t.muon_momentum}; it must be in [0, 1)")
+    _require(not (t.nesterov and t.optimizer in ("sgd", "muon") and t.momentum <= 0),
              "train.nesterov=true needs train.momentum > 0; set one or the other")
     _require(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends)")
     _require(t.stop_after_steps >= 0, "train.stop_after_steps must be >= 0 (0 = run to the end)")

@@ -38,6 +38,7 @@ from torch import nn
 from .config import TrainConfig
 from .data.mixing import dominant_labels
 from .ema import WeightEma
+from .optim import MuonWithSGD
 from .errors import UserError
 
 # DDP needs 11 eager iterations before its backward can be captured (PyTorch's CUDA
@@ -255,9 +256,10 @@ def _point_at_device_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor, capt
         group.update(lr=own, fused=True, foreach=False)
         if "capturable" in group:
             group["capturable"] = capturable
-        if isinstance(optimizer, torch.optim.SGD) and group.get("momentum", 0) != 0:
+        sgd = optimizer.sgd if isinstance(optimizer, MuonWithSGD) else optimizer
+        if isinstance(sgd, torch.optim.SGD) and group.get("momentum", 0) != 0:
             for param in group["params"]:
-                state = optimizer.state[param]
+                state = sgd.state[param]
                 if state.get("momentum_buffer") is None:
                     state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
     return scaled
