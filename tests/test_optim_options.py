@@ -197,11 +197,13 @@ def test_alternate_flip_settings_are_checked():
 SYNCING = ("item", "__bool__", "__float__", "__int__", "tolist", "numpy")
 
 
-def test_clipping_multiplied_lrs_and_soft_targets_read_nothing_back(monkeypatch):
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_clipping_multiplied_lrs_and_soft_targets_read_nothing_back(monkeypatch, optimizer):
     """Every host read (item, bool, float, ...) inside the step is counted: with clipping,
-    a BN-bias LR group and mixed (soft) targets there are none, as without them."""
+    a BN-bias LR group and mixed (soft) targets, under SGD and under Muon + SGD, there are
+    none, as without them."""
     model = bn_net()
-    cfg = TrainConfig(clip_grad_norm=0.1, bn_bias_lr_mult=64.0)
+    cfg = TrainConfig(clip_grad_norm=0.1, bn_bias_lr_mult=64.0, optimizer=optimizer)
     step = TrainStep(model, build_optimizer(model, cfg, 0.1), cfg, "fp32", CPU, first_step=0)
     images, labels = batch()
     soft = 0.7 * F.one_hot(labels, 10).float() + 0.3 * F.one_hot(labels.roll(1), 10).float()
@@ -216,3 +218,90 @@ def test_clipping_multiplied_lrs_and_soft_targets_read_nothing_back(monkeypatch)
         step(images, soft)
     monkeypatch.undo()
     assert reads == []
+
+
+# ------------------------------------------------------------------ Muon + SGD
+
+def separable_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=False),   # depthwise
+                         nn.Conv2d(8, 12, 1, bias=True), nn.BatchNorm2d(12), nn.ReLU(),      # pointwise
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10))
+
+
+def test_muon_takes_dense_and_pointwise_convs_and_leaves_depthwise_to_sgd():
+    from cifar_ddp.optim import MuonWithSGD, muon_weights
+
+    model = build_model(ModelConfig(name="sep_resnet"))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon"), 0.1)
+    assert isinstance(optimizer, MuonWithSGD)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    depthwise = {id(m.weight) for m in convs if m.groups > 1}
+    dense = {id(m.weight) for m in convs if m.groups == 1}
+    assert depthwise and dense
+    assert {id(w) for w in muon_weights(model)} == dense == {id(w) for w in optimizer.muon_group["params"]}
+    in_sgd = [id(p) for g in optimizer.sgd.param_groups for p in g["params"]]
+    assert depthwise <= set(in_sgd) and not dense & set(in_sgd)
+    # Every trainable parameter is stepped by exactly one of the two.
+    assert sorted(in_sgd + list(dense)) == sorted(id(p) for p in model.parameters())
+    assert all(m.dim() == 2 for m in optimizer.matrices)
+
+
+def test_muon_steps_equal_the_two_optimizers_called_by_hand():
+    model = separable_net()
+    reference = copy.deepcopy(model)
+    cfg = TrainConfig(optimizer="muon", muon_lr=0.05, muon_momentum=0.9, label_smoothing=0.0, weight_decay=5e-4)
+    step = TrainStep(model, build_optimizer(model, cfg, 0.1), cfg, "fp32", CPU, first_step=0)
+
+    ref_convs = [reference[0].weight, reference[4].weight]
+    matrices = [nn.Parameter(w.detach().view(w.shape[0], -1)) for w in ref_convs]
+    others = [p for p in reference.parameters() if all(p is not w for w in ref_convs)]
+    decayed = [p for p in others if p.ndim > 1]
+    sgd = torch.optim.SGD([{"params": decayed, "weight_decay": 5e-4},
+                           {"params": [p for p in others if p.ndim <= 1], "weight_decay": 0.0}],
+                          lr=0.1, momentum=0.9, nesterov=True)
+    muon = torch.optim.Muon(matrices, lr=0.05, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    for seed in range(2):   # the second step uses both momentum buffers
+        images, labels = batch()
+        images = images + seed
+        step.set_lr(0.1)
+        step(images, labels)
+        reference.zero_grad()
+        F.cross_entropy(reference(images), labels).backward()
+        for w, m in zip(ref_convs, matrices):
+            m.grad = w.grad.view(m.shape)
+        sgd.step()
+        muon.step()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert (p - q).abs().max() <= 1e-6, (seed, name, float((p - q).abs().max()), float(p.abs().max()))
+
+
+def test_a_non_finite_muon_step_changes_no_weight_and_no_momentum():
+    model = separable_net()
+    cfg = TrainConfig(optimizer="muon", on_nonfinite="skip")
+    optimizer = build_optimizer(model, cfg, 0.1)
+    step = TrainStep(model, optimizer, cfg, "fp32", CPU, first_step=0)
+    images, labels = batch()
+    step.set_lr(0.1)
+    step(images, labels)
+    weights = [p.detach().clone() for p in model.parameters()]
+    buffers = [optimizer.muon.state[m]["momentum_buffer"].clone() for m in optimizer.matrices]
+    step(images * float("inf"), labels)
+    assert step.read()["nonfinite_steps"] == 1
+    assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), weights))
+    assert all(torch.equal(optimizer.muon.state[m]["momentum_buffer"], b) for m, b in zip(optimizer.matrices, buffers))
+
+
+def test_muon_state_survives_a_checkpoint_round_trip():
+    model = separable_net()
+    cfg = TrainConfig(optimizer="muon")
+    optimizer = build_optimizer(model, cfg, 0.1)
+    step = TrainStep(model, optimizer, cfg, "fp32", CPU, first_step=0)
+    step.set_lr(0.1)
+    step(*batch())
+    again = build_optimizer(copy.deepcopy(model), cfg, 0.1)
+    again.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for m, n in zip(optimizer.matrices, again.matrices):
+        assert torch.equal(optimizer.muon.state[m]["momentum_buffer"], again.muon.state[n]["momentum_buffer"])
+    assert len(again.sgd.state) == len(optimizer.sgd.state)
