@@ -21,7 +21,8 @@
 # validation carve (data.val_size=5000: no test image is looked at), seeds 0 and 1 each:
 # sep_resnet10_lightaug as it is; + airbench's optimisation options (alternating flip, BN
 # biases at 64x the LR with frozen gains, BN momentum 0.4); + light mixup/CutMix; and
-# configs/sep_resnet10_mix.yaml (both). $OUT/issue30.tsv gets each run's val accuracy.
+# configs/sep_resnet10_mix.yaml (both); CANDIDATES="..." picks others, e.g. muon (lightaug
+# with train.optimizer=muon). $OUT/issue30.tsv gets each run's val accuracy.
 # Each step's time limit is set so that the whole script stays under 9.5 minutes (the
 # device tool allows 10 per command); the CPU test suite is CI's job, not this script's.
 set -uo pipefail
@@ -49,12 +50,14 @@ if [ "${2:-}" = issue30 ]; then
   opt=(augment.flip=alternate train.bn_bias_lr_mult=64 train.bn_freeze_weight=true model.bn_momentum=0.4)
   mix=(augment.cutmix_alpha=1.0 augment.mixup_alpha=0.2 augment.mix_prob=0.33 augment.mix_ramp_epochs=3)
   for seed in 0 1; do   # 8 runs of ~30 s on an H200 (captured step); 60 s each at most
-    for candidate in lightaug opt mix recipe; do
+    for candidate in ${CANDIDATES:-lightaug opt mix recipe}; do
       case $candidate in
         lightaug) args=(--config configs/sep_resnet10_lightaug.yaml) ;;
         opt) args=(--config configs/sep_resnet10_lightaug.yaml "${opt[@]}") ;;
         mix) args=(--config configs/sep_resnet10_lightaug.yaml "${mix[@]}") ;;
         recipe) args=(--config configs/sep_resnet10_mix.yaml) ;;
+        muon) args=(--config configs/sep_resnet10_lightaug.yaml train.optimizer=muon) ;;
+        *) echo "unknown candidate $candidate (lightaug, opt, mix, recipe, muon)"; exit 2 ;;
       esac
       step "i30_${candidate}_s$seed" 60 python3 launch/train.py "${args[@]}" "${carve[@]}" seed=$seed \
         out_dir=/tmp/runs/i30/${candidate}_s$seed
