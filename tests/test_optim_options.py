@@ -305,3 +305,20 @@ def test_muon_state_survives_a_checkpoint_round_trip():
     for m, n in zip(optimizer.matrices, again.matrices):
         assert torch.equal(optimizer.muon.state[m]["momentum_buffer"], again.muon.state[n]["momentum_buffer"])
     assert len(again.sgd.state) == len(optimizer.sgd.state)
+
+
+def test_muon_under_a_grad_scaler_steps_as_without_one():
+    """fp16's path: the GradScaler unscales each weight's gradient (the 2-D views get theirs
+    only inside the step) and then steps both optimizers; 2**10 scales exactly."""
+    model = separable_net()
+    scaled_model = copy.deepcopy(model)
+    cfg = TrainConfig(optimizer="muon")
+    plain = TrainStep(model, build_optimizer(model, cfg, 0.1), cfg, "fp32", CPU, first_step=0)
+    scaled = TrainStep(scaled_model, build_optimizer(scaled_model, cfg, 0.1), cfg, "fp32", CPU, first_step=0,
+                       scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    for step in (plain, scaled):
+        for _ in range(2):
+            step.set_lr(0.1)
+            step(*batch())
+    for p, q in zip(model.parameters(), scaled_model.parameters()):
+        assert torch.equal(p.detach(), q.detach())
