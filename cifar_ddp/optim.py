@@ -126,10 +126,6 @@ class MuonWithSGD:
     def param_groups(self) -> List[dict]:
         return self.sgd.param_groups + [self.muon_group]
 
-    @property
-    def state(self):
-        return self.sgd.state
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.sgd.zero_grad(set_to_none=set_to_none)
         for w in self.weights:

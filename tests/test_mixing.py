@@ -227,10 +227,12 @@ def test_mixing_needs_the_tensor_backend():
 
 
 @pytest.mark.slow
-def test_every_new_option_on_an_interrupted_run_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_every_new_option_on_an_interrupted_run_resumes_bitwise(tmp_path, optimizer):
     """Mixup + CutMix with a ramp, the alternating flip, clipping, the BN-bias LR group with
-    frozen gains and BN momentum: stopped inside epoch 2 and resumed, the weights are
-    bit for bit those of the straight run (the epoch's draws follow from (seed, rank, epoch))."""
+    frozen gains and BN momentum, under SGD and Muon + SGD: stopped inside epoch 2 and
+    resumed, the weights are bit for bit those of the straight run (the epoch's draws follow
+    from (seed, rank, epoch); the optimizers' state travels in the checkpoint)."""
     from cifar_ddp import checkpoint as ckpt
     from cifar_ddp.trainer import Preempted
 
@@ -240,7 +242,7 @@ def test_every_new_option_on_an_interrupted_run_resumes_bitwise(tmp_path):
                 "train.checkpoint_every_steps": 4, "augment.mixup_alpha": 0.4, "augment.cutmix_alpha": 1.0,
                 "augment.mix_prob": 0.7, "augment.mix_ramp_epochs": 2, "augment.flip": "alternate",
                 "train.clip_grad_norm": 0.5, "train.bn_bias_lr_mult": 16, "train.bn_freeze_weight": "true",
-                "model.bn_momentum": 0.4}
+                "model.bn_momentum": 0.4, "train.optimizer": optimizer}
     straight = train_in_process(tmp_path / "straight", **settings)
     with pytest.raises(Preempted):
         train_in_process(tmp_path / "split", **settings, **{"train.stop_after_steps": 8})
