@@ -251,3 +251,13 @@ def test_every_new_option_on_an_interrupted_run_resumes_bitwise(tmp_path, optimi
     assert resumed["global_step"] == straight["global_step"] == 18
     assert_bitwise_equal(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
     assert resumed["train_accuracy"] == straight["train_accuracy"]
+
+
+def test_mixing_in_chunks_changes_nothing(monkeypatch):
+    from cifar_ddp.data import loaders
+
+    data, cfg = split(), AugmentConfig(mixup_alpha=0.5, cutmix_alpha=1.0)
+    whole, _ = epoch(cfg, data)
+    monkeypatch.setattr(loaders, "AUGMENT_CHUNK", 64)   # 6 batches of 16: chunks of 4 and 2
+    chunked, _ = epoch(cfg, data)
+    assert all(torch.equal(x, cx) and torch.equal(y, cy) for (x, y), (cx, cy) in zip(whole, chunked))
