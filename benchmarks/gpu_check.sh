@@ -2,7 +2,8 @@
 # Every check that needs a CUDA GPU, in one run, each step bounded in time so one hang
 # cannot eat the rest. Logs and small result files go to $OUT (default /tmp/gpu_check).
 #
-#   bash benchmarks/gpu_check.sh [DATA_DIR]        # DATA_DIR: the JPEG CIFAR-10 folders
+#   bash benchmarks/gpu_check.sh [DATA_DIR]            # DATA_DIR: the JPEG CIFAR-10 folders
+#   bash benchmarks/gpu_check.sh DATA_DIR issue30      # only issue 30's candidates (below)
 #
 # On the lent device machine (see ../shared/device/README.md): put the wheels and the data
 # zip in .dev/ (git-ignored), carry .dev, and run this script; benchmarks/gpu_env.sh installs
@@ -16,6 +17,12 @@
 #    steady state, torchrun --nproc_per_node 1 on nccl).
 # Issue 16's runs are benchmarks/gpu_recipes.sh, a script of their own: its first step
 # times the networks with the GPU to itself, so it does not share a run with this one.
+# `issue30` runs, instead of the checks above, issue 30's 10-epoch candidates on the
+# validation carve (data.val_size=5000: no test image is looked at), seeds 0 and 1 each:
+# sep_resnet10_lightaug as it is; + airbench's optimisation options (alternating flip, BN
+# biases at 64x the LR with frozen gains, BN momentum 0.4); + light mixup/CutMix; and
+# configs/sep_resnet10_mix.yaml (both); CANDIDATES="..." picks others, e.g. muon (lightaug
+# with train.optimizer=muon). $OUT/issue30.tsv gets each run's val accuracy.
 # Each step's time limit is set so that the whole script stays under 9.5 minutes (the
 # device tool allows 10 per command); the CPU test suite is CI's job, not this script's.
 set -uo pipefail
@@ -37,6 +44,37 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record st
 step data_cache 90 python3 -c "
 from cifar_ddp.config import load_config; from cifar_ddp.data.sources import load_dataset
 load_dataset(load_config('configs/fast85_gpu.yaml', ['data.root=$DATA']).data)"
+
+if [ "${2:-}" = issue30 ]; then
+  carve=(data.root="$DATA" data.val_size=5000 train.progress_bar=false train.tta_flip=false)
+  opt=(augment.flip=alternate train.bn_bias_lr_mult=64 train.bn_freeze_weight=true model.bn_momentum=0.4)
+  mix=(augment.cutmix_alpha=1.0 augment.mixup_alpha=0.2 augment.mix_prob=0.33 augment.mix_ramp_epochs=3)
+  for seed in 0 1; do   # 8 runs of ~30 s on an H200 (captured step); 60 s each at most
+    for candidate in ${CANDIDATES:-lightaug opt mix recipe}; do
+      case $candidate in
+        lightaug) args=(--config configs/sep_resnet10_lightaug.yaml) ;;
+        opt) args=(--config configs/sep_resnet10_lightaug.yaml "${opt[@]}") ;;
+        mix) args=(--config configs/sep_resnet10_lightaug.yaml "${mix[@]}") ;;
+        recipe) args=(--config configs/sep_resnet10_mix.yaml) ;;
+        muon) args=(--config configs/sep_resnet10_lightaug.yaml train.optimizer=muon) ;;
+        *) echo "unknown candidate $candidate (lightaug, opt, mix, recipe, muon)"; exit 2 ;;
+      esac
+      step "i30_${candidate}_s$seed" 60 python3 launch/train.py "${args[@]}" "${carve[@]}" seed=$seed \
+        out_dir=/tmp/runs/i30/${candidate}_s$seed
+    done
+  done
+  # The last epoch's val accuracy of each run (its final line), one row per run.
+  python3 - "$OUT" > "$OUT/issue30.tsv" <<'PY'
+import json, pathlib, sys
+for log in sorted(pathlib.Path(sys.argv[1]).glob("i30_*.log")):
+    final = [line for line in log.read_text().splitlines() if line.startswith("final: ")]
+    accuracy = json.loads(final[-1][len("final: "):])["test_accuracy"] if final else float("nan")
+    print(f"{log.stem}\t{accuracy:.4f}")
+PY
+  cat "$OUT/summary.txt" "$OUT/issue30.tsv"
+  (cd "$OUT" && shopt -s nullglob && python3 -m tarfile -c logs.tgz ./*.log && rm -f ./*.log)
+  exit 0
+fi
 step fast85_gpu 100 python3 launch/train.py --config configs/fast85_gpu.yaml data.root="$DATA" \
   out_dir=/tmp/runs/fast85_gpu train.progress_bar=false
 step throughput_512 150 python3 benchmarks/throughput.py --batch-size 512 --steps 200 --images 16384

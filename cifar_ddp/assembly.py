@@ -89,7 +89,8 @@ def train_batches(cfg: Config, train: TrainConfig, data: DatasetArrays, ctx: Dis
             "fewer processes"
         )
     return TrainBatches(data.train, cfg.augment, data.stats, train.batch_size, ctx.rank, ctx.world_size,
-                        cfg.seed, ctx.device, num_workers=cfg.data.num_workers, channels_last=train.channels_last)
+                        cfg.seed, ctx.device, num_workers=cfg.data.num_workers, channels_last=train.channels_last,
+                        num_classes=cfg.model.num_classes)
 
 
 @dataclass

@@ -53,6 +53,11 @@ class AugmentConfig:
     # "tensor": batched on the training device; "albumentations": per image in workers.
     backend: Literal["tensor", "albumentations"] = "tensor"
     hflip_p: float = 0.5
+    # "random": each image flipped with p=hflip_p, drawn afresh every epoch. "alternate"
+    # (airbench): a fixed random half of the images, drawn from `seed` by image index,
+    # is flipped on even epochs (counted from 0) and the other half on odd ones, so every
+    # image is seen both ways every two epochs; tensor backend, hflip_p left at 0.5.
+    flip: Literal["random", "alternate"] = "random"
     # Shift-scale-rotate, with albumentations' ShiftScaleRotate defaults.
     affine_p: float = 0.5
     shift_limit: float = 0.0625
@@ -70,6 +75,18 @@ class AugmentConfig:
     cutout_size: int = 16
     # Epochs at the end trained without augmentation (0 keeps it to the end).
     plain_last_epochs: int = 0
+    # Mixup / CutMix between the images of one batch (tensor backend; data/mixing.py), as
+    # torchvision.transforms.v2.MixUp / CutMix do: Beta(alpha, alpha) shares, the batch mixed
+    # with itself rolled by one. 0 = off. The targets become soft labels.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    # Probability that a batch is mixed at all; with both on, the probability that a mixed
+    # batch takes CutMix rather than mixup.
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    # Ramp: in epoch e (from 0) the partner image's share 1 - lam is multiplied by
+    # min(1, (e + 1) / mix_ramp_epochs) (a CutMix box shrinks to match); 0 = full strength at once.
+    mix_ramp_epochs: int = 0
 
 
 @dataclass
@@ -87,6 +104,10 @@ class ModelConfig:
     # Models with residual units only: start every residual unit as the identity (its last
     # BN's gain at 0, as torchvision's ResNet `zero_init_residual`).
     zero_init_residual: bool = False
+    # Set on every BatchNorm of the built network (user networks included), in PyTorch's
+    # sense: the weight of the new batch in the running statistics (airbench's 0.6 "kept"
+    # is 0.4 here). 0 = each BatchNorm keeps its own (PyTorch's default 0.1).
+    bn_momentum: float = 0.0
 
 
 @dataclass
@@ -116,7 +137,14 @@ class TrainConfig:
     epochs: int = 24
     # Per process; the global batch is batch_size x world size.
     batch_size: int = 256
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # muon: torch.optim.Muon for the dense and pointwise (1x1) conv weights, flattened to
+    # 2-D, and SGD (momentum, nesterov, weight_decay below) for everything else: depthwise
+    # convs, BatchNorm, biases, the linear head (optim.MuonWithSGD).
+    optimizer: Literal["sgd", "adamw", "muon"] = "sgd"
+    # muon only: Muon's peak LR (not scaled with the batch), on the same schedule as `lr`,
+    # and its momentum (Nesterov). Its weight decay is `weight_decay`, decoupled (x lr).
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     # Peak learning rate for a global batch of `lr_reference_batch`; it is
     # scaled linearly with the real global batch.
     lr: float = 0.2
@@ -125,6 +153,13 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    # Clip the gradients' total L2 norm to this (torch.nn.utils.clip_grad_norm_), inside the
+    # step on the device; 0 = off.
+    clip_grad_norm: float = 0.0
+    # Learning-rate multiplier for BatchNorm biases (airbench: 64, with the gains frozen);
+    # bn_freeze_weight keeps every BatchNorm gain at its initial value (not trained).
+    bn_bias_lr_mult: float = 1.0
+    bn_freeze_weight: bool = False
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     # onecycle: linear warm-up over warmup_frac of the steps from lr/initial_div to lr, then
     # cosine down to lr/final_div; cosine: no warm-up, cosine from lr down to lr/final_div
@@ -442,7 +477,9 @@ def validate(cfg: Config) -> None:
     _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     # Every optimizer argument is checked here: torch's own ValueError would be a traceback.
     _require(0 <= t.momentum < 1, f"train.momentum is {t.momentum}; it must be in [0, 1) (0: plain SGD)")
-    _require(not (t.nesterov and t.optimizer == "sgd" and t.momentum <= 0),
+    _require(t.muon_lr > 0, f"train.muon_lr is {t.muon_lr}; it must be positive")
+    _require(0 <= t.muon_momentum < 1, f"train.muon_momentum is {t.muon_momentum}; it must be in [0, 1)")
+    _require(not (t.nesterov and t.optimizer in ("sgd", "muon") and t.momentum <= 0),
              "train.nesterov=true needs train.momentum > 0; set one or the other")
     _require(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 = only at epoch ends)")
     _require(t.stop_after_steps >= 0, "train.stop_after_steps must be >= 0 (0 = run to the end)")
@@ -460,6 +497,25 @@ def validate(cfg: Config) -> None:
     _require(0 <= a.crop_padding <= 16, f"augment.crop_padding is {a.crop_padding}; it is in pixels, within [0, 16]")
     _require(1 <= a.cutout_size <= 32, f"augment.cutout_size is {a.cutout_size}; it must fit a 32x32 image (1..32)")
     _require(0 <= a.plain_last_epochs <= t.epochs, "augment.plain_last_epochs must be within [0, train.epochs]")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        _require(getattr(a, name) >= 0, f"augment.{name} is {getattr(a, name)}; it must be >= 0 (0 turns it off)")
+    for name in ("mix_prob", "mix_switch_prob"):
+        p = getattr(a, name)
+        _require(0 <= p <= 1, f"augment.{name} is {p}; a probability must be in [0, 1]")
+    _require(a.mix_ramp_epochs >= 0, "augment.mix_ramp_epochs must be >= 0 (0 = full strength from the start)")
+    mixing = a.mixup_alpha > 0 or a.cutmix_alpha > 0
+    for what, used in (("augment.mixup_alpha/cutmix_alpha", mixing), ("augment.flip=alternate", a.flip == "alternate")):
+        _require(not used or a.backend == "tensor", f"{what} needs augment.backend=tensor (the batched pipeline)")
+    _require(a.flip != "alternate" or a.hflip_p == 0.5,
+             f"augment.flip=alternate flips half the images each epoch by itself; leave augment.hflip_p at 0.5 "
+             f"(it is {a.hflip_p}), or use augment.flip=random")
+    _require(t.clip_grad_norm >= 0, f"train.clip_grad_norm is {t.clip_grad_norm}; it must be >= 0 (0 turns it off)")
+    _require(t.bn_bias_lr_mult > 0, f"train.bn_bias_lr_mult is {t.bn_bias_lr_mult}; it must be positive (1: no change)")
+    _require(not (t.bn_freeze_weight and m.zero_init_residual),
+             "train.bn_freeze_weight=true would keep model.zero_init_residual's zero gains at 0 (the residual "
+             "branches would never learn); turn one of them off")
+    _require(0 <= m.bn_momentum <= 1, f"model.bn_momentum is {m.bn_momentum}; it must be in (0, 1], or 0 to keep "
+                                      "each BatchNorm's own")
     # What a model's widths and arguments may be is the model's business (models.build_model).
     _require(bool(m.name), "model.name is empty; name a registered model (e.g. seed) or path/to/file.py:ClassName")
     _require(0 <= m.dropout < 1, f"model.dropout is {m.dropout}; it must be in [0, 1)")

@@ -5,7 +5,14 @@ Why it is built this way:
 - The learning rate is a 0-dim tensor on the device that every parameter group points
   to; the host writes the next value into it (`set_lr`, a fill, not a read). Fused
   optimizers read it inside their kernel, so a compiled or captured step picks up
-  each new value without recompiling or recapturing.
+  each new value without recompiling or recapturing. A group with an `lr_mult` (BN biases
+  under train.bn_bias_lr_mult) gets its own device tensor, filled with lr x lr_mult.
+- The targets are labels (B,) or, with mixup / CutMix, soft labels (B, classes): the same
+  cross-entropy (with label smoothing) takes either, and train accuracy is then counted
+  against each image's dominant label (data/mixing.py). The shape decides, not a read.
+- Gradient clipping (train.clip_grad_norm) scales the gradients by a factor computed on
+  the device from their all-reduced total norm, as clip_grad_norm_ does; with fp16 the
+  GradScaler unscales them first.
 - A non-finite step is detected from the *all-reduced* gradients, so every rank
   reaches the same verdict without another collective, and the update is masked on
   the device (the fused optimizer's `found_inf`), never applied. The host learns
@@ -29,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .data.mixing import dominant_labels
 from .ema import WeightEma
+from .optim import MuonWithSGD
 from .errors import UserError
 
 # DDP needs 11 eager iterations before its backward can be captured (PyTorch's CUDA
@@ -104,6 +113,7 @@ class TrainStep:
         self.optimizer, self.ema, self.scaler = optimizer, ema, scaler
         self.precision, self.device = precision, device
         self.label_smoothing = cfg.label_smoothing
+        self.clip_grad_norm = cfg.clip_grad_norm
         self.cuda_graph = cfg.cuda_graph
         self.stream = stream
         self.params = [p for p in self.bare_model.parameters() if p.requires_grad]
@@ -119,7 +129,7 @@ class TrainStep:
         self.nonfinite_steps = torch.zeros((), **zeros)
         self.first_nonfinite_step = torch.full((), -1, **zeros)
         self.scaler_skipped = torch.zeros((), **zeros)
-        _point_at_device_lr(optimizer, self.lr, capturable=cfg.cuda_graph)
+        self.scaled_lrs = _point_at_device_lr(optimizer, self.lr, capturable=cfg.cuda_graph)
 
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
         self.static_images: Optional[torch.Tensor] = None
@@ -131,6 +141,8 @@ class TrainStep:
 
     def set_lr(self, lr: float) -> None:
         self.lr.fill_(lr)
+        for tensor, mult in self.scaled_lrs:
+            tensor.fill_(lr * mult)
 
     def reset_metrics(self, start: Sequence[float] = ()) -> None:
         """Zero the epoch's sums, or set them to `start` (loss sum, correct, seen), in place:
@@ -198,13 +210,17 @@ class TrainStep:
         with autocast(self.device, self.precision, cache_enabled=not self.cuda_graph):
             logits = self.model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        images_in_batch = labels.shape[0]
         # Captured steps keep their gradient tensors (and their addresses) from replay to replay.
         self.optimizer.zero_grad(set_to_none=not self.cuda_graph)
         if self.scaler is not None:
             # fp16: the GradScaler masks overflowing steps itself, on the device (fused optimizers).
-            scale = self.scaler._get_scale_async()
-            before = scale.clone()
-            self.scaler.scale(loss).backward()
+            scaled = self.scaler.scale(loss)   # first, as it creates the scale on the first step
+            before = self.scaler._get_scale_async().clone()
+            scaled.backward()
+            if self.clip_grad_norm:
+                self.scaler.unscale_(self.optimizer)   # clip the true gradients, not the scaled ones
+                self._clip(torch.nn.utils.get_total_norm(self._grads(), foreach=True))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             skipped = self.scaler._get_scale_async() < before
@@ -213,9 +229,10 @@ class TrainStep:
         else:
             loss.backward()
             # After backward, DDP has averaged the gradients: every rank sees the same norm.
-            grads = [p.grad for p in self.params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            norm = torch.nn.utils.get_total_norm(self._grads(), foreach=True)
             bad = ~torch.isfinite(norm)
+            if self.clip_grad_norm:
+                self._clip(norm)   # a non-finite norm spoils the gradients, but that update is masked
             self.found_inf.copy_(bad.float())
             self.optimizer.found_inf = self.found_inf
             self.optimizer.step()
@@ -224,32 +241,49 @@ class TrainStep:
         good = ~bad
         detached = loss.detach()
         self.last_loss.copy_(detached)
-        self.loss_sum.add_(torch.where(good, detached.double() * labels.numel(), 0.0))
-        hits = (logits.detach().argmax(1) == labels).sum()
+        self.loss_sum.add_(torch.where(good, detached.double() * images_in_batch, 0.0))
+        hits = (logits.detach().argmax(1) == dominant_labels(labels)).sum()
         self.correct.add_(torch.where(good, hits, 0))
-        self.seen.add_(good.long() * labels.numel())
+        self.seen.add_(good.long() * images_in_batch)
         self.step_count.add_(1)
         self.nonfinite_steps.add_(bad.long())
         first = (self.first_nonfinite_step < 0) & bad
         self.first_nonfinite_step.copy_(torch.where(first, self.step_count, self.first_nonfinite_step))
 
+    def _grads(self):
+        return [p.grad for p in self.params if p.grad is not None]
 
-def _point_at_device_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor, capturable: bool) -> None:
+    def _clip(self, total_norm: torch.Tensor) -> None:
+        # clip_grad_norm_'s own factor, max_norm / (norm + 1e-6) capped at 1, applied on the
+        # device with the norm already computed (clip_grad_norm_ is this pair of calls).
+        torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad_norm, total_norm, foreach=True)
+
+
+def _point_at_device_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor, capturable: bool):
     """Every parameter group reads the one device LR tensor, with the fused kernels (a
     checkpoint written by an older version carries foreach=True in its groups, and loading
     it would bring that back). SGD's momentum buffers start at zero (for dampening 0 this
     is exactly PyTorch's first step, buffer = gradient), so that a masked first step leaves
     no uninitialized buffer and nothing is allocated inside a captured step. AdamW refuses
-    to be captured unless its groups say `capturable` (SGD has no such flag)."""
+    to be captured unless its groups say `capturable` (SGD has no such flag). A group with
+    an `lr_mult` other than 1 reads a tensor of its own: returns those (tensor, multiplier)
+    pairs, for set_lr."""
+    scaled = []
     for group in optimizer.param_groups:
-        group.update(lr=lr, fused=True, foreach=False)
+        own, mult = lr, group.get("lr_mult", 1.0)
+        if mult != 1.0:
+            own = torch.zeros_like(lr)
+            scaled.append((own, mult))
+        group.update(lr=own, fused=True, foreach=False)
         if "capturable" in group:
             group["capturable"] = capturable
-        if isinstance(optimizer, torch.optim.SGD) and group.get("momentum", 0) != 0:
+        sgd = optimizer.sgd if isinstance(optimizer, MuonWithSGD) else optimizer
+        if isinstance(sgd, torch.optim.SGD) and group.get("momentum", 0) != 0:
             for param in group["params"]:
-                state = optimizer.state[param]
+                state = sgd.state[param]
                 if state.get("momentum_buffer") is None:
                     state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return scaled
 
 
 def _synchronize(device: torch.device) -> None:

@@ -21,6 +21,7 @@ from .assembly import (build_optimization, build_step, build_training_model, loa
                        step_options, train_batches)
 from .config import Config
 from .data.loaders import AlbumentationsDataset, epoch_seed, eval_shard
+from .data.mixing import mixing_enabled
 from .data.sources import DatasetArrays
 from .data.transforms import BatchAugment
 from .distributed import DistContext
@@ -138,6 +139,8 @@ class Trainer:
             "params": sum(p.numel() for p in self.model.parameters()), "augment": cfg.augment.backend,
             "compile": self.options.compile, "cuda graph": self.options.cuda_graph,
         }
+        if mixing_enabled(cfg.augment):
+            info["train accuracy"] = "against each mixed image's dominant label (mixup/CutMix on)"
         self.logger.start(cfg.to_dict(), info, history=state.history)
         if state.global_step == 0 and ctx.is_main:
             self.logger.images("train/augmented", _preview(data, cfg), 0)

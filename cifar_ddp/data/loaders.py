@@ -5,8 +5,9 @@ splits the training split between ranks; incomplete last batches are dropped
 so every rank takes the same number of steps. Randomness of augmentation is
 seeded from (seed, rank, epoch): different on every rank, reproducible, and
 the same for a run resumed inside the epoch. The tensor backend augments the
-rank's whole epoch at once, in large chunks on the device (airbench's way), and
-then hands out slices: a step costs no augmentation kernels at all.
+rank's whole epoch at once, in large chunks on the device (airbench's way), then
+mixes its batches (mixup / CutMix, data/mixing.py: the targets become soft labels),
+and hands out slices: a step costs no augmentation kernels at all.
 
 Evaluation: rank r takes images r, r + W, r + 2W, ... - no padding, so summed
 counts over ranks are exact for any world size.
@@ -22,8 +23,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import AugmentConfig
 from .sources import ChannelStats, ImageSplit
-from .transforms import BatchAugment, albumentations_eval, albumentations_train, normalize_batch
+from .mixing import BatchMix, mixing_enabled
+from .transforms import BatchAugment, albumentations_eval, albumentations_train, alternate_flips, normalize_batch
 
+# (images, targets): targets are labels (B,), or soft labels (B, classes) when mixing is on.
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 # Images augmented per kernel launch when a whole epoch is prepared: large enough that
@@ -41,7 +44,8 @@ class TrainBatches:
 
     def __init__(self, split: ImageSplit, augment: AugmentConfig, stats: ChannelStats,
                  batch_size: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, num_workers: int = 0, channels_last: bool = False) -> None:
+                 device: torch.device, num_workers: int = 0, channels_last: bool = False,
+                 num_classes: int = 10) -> None:
         self.split = split
         self.augment_cfg = augment
         self.stats = stats
@@ -60,6 +64,7 @@ class TrainBatches:
             self.images = torch.from_numpy(split.images).to(device)
             self.labels = torch.from_numpy(split.labels).to(device)
             self.batch_augment = BatchAugment(augment, stats)
+            self.batch_mix = BatchMix(augment, num_classes) if mixing_enabled(augment) else None
             self.generator = torch.Generator(device=device)
         else:
             self.generator = torch.Generator()
@@ -99,6 +104,8 @@ class TrainBatches:
         n = len(indices)
         _, height, width, _ = self.images.shape
         params = self.batch_augment.sample(n, height, width, self.generator) if self.augment_enabled else None
+        if params is not None and self.augment_cfg.flip == "alternate":
+            params["flip"] = alternate_flips(indices, self.epoch, self.seed, len(self.split))
         out = torch.empty((n, 3, height, width), device=self.device).contiguous(memory_format=self.memory_format)
         for start in range(0, n, AUGMENT_CHUNK):
             part = slice(start, start + AUGMENT_CHUNK)
@@ -107,7 +114,26 @@ class TrainBatches:
                 out[part] = normalize_batch(uint8, self.stats)
             else:
                 out[part] = self.batch_augment.apply(uint8, {k: v[part] for k, v in params.items()})
-        return out, self.labels[indices]
+        labels = self.labels[indices]
+        if self.batch_mix is None or not self.augment_enabled:
+            return out, labels
+        return self._mix(out, labels)
+
+    def _mix(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        """Mix the epoch's batches in place, whole batches per chunk (a batch mixes with itself)."""
+        _, _, height, width = images.shape
+        seed = epoch_seed(self.seed, self.rank, self.epoch)
+        batches = len(labels) // self.batch_size
+        params = self.batch_mix.to_device(
+            self.batch_mix.sample(batches, height, width, self.epoch, seed), self.device)
+        targets = torch.empty((len(labels), self.batch_mix.num_classes), device=self.device)
+        per_chunk = max(1, AUGMENT_CHUNK // self.batch_size)
+        for first in range(0, batches, per_chunk):
+            which = slice(first, first + per_chunk)
+            part = slice(first * self.batch_size, (first + len(params["lam"][which])) * self.batch_size)
+            images[part], targets[part] = self.batch_mix.apply(images[part], labels[part],
+                                                               {k: v[which] for k, v in params.items()})
+        return images, targets
 
     def _albumentations_batches(self, indices: torch.Tensor) -> Iterator[Batch]:
         dataset = AlbumentationsDataset(self.split, self.augment_cfg, self.stats, self.augment_enabled)

@@ -95,10 +95,22 @@ def normalize_batch(images: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
     return (x - mean) / std
 
 
+def alternate_flips(indices: torch.Tensor, epoch: int, seed: int, size: int) -> torch.Tensor:
+    """Which of the images `indices` (of a split of `size`) are flipped in `epoch` under
+    augment.flip=alternate: a fixed half of the split, drawn from `seed` alone, on even
+    epochs and the other half on odd ones (airbench's alternating flip). It depends on
+    neither the rank nor the order, so any world size and a resumed run flip alike."""
+    gen = torch.Generator(device=indices.device).manual_seed(seed)
+    half = torch.zeros(size, dtype=torch.bool, device=indices.device)
+    half[torch.randperm(size, generator=gen, device=indices.device)[:size // 2]] = True
+    return half[indices] ^ (epoch % 2 == 1)
+
+
 class BatchAugment:
     """The albumentations pipeline above, applied to a whole uint8 batch at once.
 
-    Per sample, independently: flip with p=hflip_p; with p=crop_p a shift by whole
+    Per sample, independently: flip with p=hflip_p (augment.flip=alternate replaces these
+    draws with `alternate_flips`, in TrainBatches); with p=crop_p a shift by whole
     pixels, up to crop_padding each way, through the padded image; with p=affine_p a rotation,
     scale and shift drawn uniformly from the same ranges, resampled bilinearly
     through an affine grid; with p=cutout_p one cutout_size square hole, fully

@@ -60,8 +60,17 @@ def build_model(cfg_or_name: Union[str, Config, ModelConfig, Dict[str, Any]], *,
         raise ConfigError(f"model '{model_cfg.name}' could not be built with {kwargs} ({one_line(exc)})") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model '{model_cfg.name}': its builder returned {type(model).__name__}, not an nn.Module")
+    if model_cfg.bn_momentum:
+        set_bn_momentum(model, model_cfg.bn_momentum)
     check_forward(model, model_cfg.name, model_cfg.num_classes)
     return model
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    """model.bn_momentum on every BatchNorm (SyncBatchNorm included), whoever built it."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
 
 
 def builder_arguments(entry: ModelEntry, m: ModelConfig) -> Dict[str, Any]:
@@ -158,5 +167,5 @@ def last_spatial_module(model: nn.Module) -> str:
 
 
 
-__all__ = ["build_model", "builder_arguments", "cam_layer_name", "check_forward", "find_layer", "is_reference", "plain_dilated_depthwise",
+__all__ = ["build_model", "builder_arguments", "set_bn_momentum", "cam_layer_name", "check_forward", "find_layer", "is_reference", "plain_dilated_depthwise",
            "register_model", "registered_names", "require_named", "resolve", "SeedNet", "SepResNet"]
