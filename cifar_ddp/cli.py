@@ -28,7 +28,8 @@ config.json a run saved in its out_dir (to run that recipe again). --print-confi
 whole config that would run, defaults included, and exits.
 
 Exit status: 0 done, 2 bad config/data/checkpoint (message on stderr),
-75 stopped by SIGTERM/SIGINT after writing a checkpoint (resume with train.resume=auto).
+75 stopped by SIGTERM, SIGINT or SIGUSR1 (SLURM's warning before the time limit) or by
+train.stop_after_steps, after writing a checkpoint (resume with train.resume=auto).
 """
 
 EVALUATE = """Evaluate a checkpoint on the test split of the configured data.
