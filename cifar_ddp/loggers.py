@@ -30,7 +30,7 @@ class SilentLogger:
                 probabilities) -> None: ...
     def finish(self, hparams: Dict[str, Any], final: Dict[str, float],
                history: Sequence[Dict[str, Any]] = ()) -> None: ...
-    def wall_time(self, table: str) -> None: ...
+    def wall_time(self, parts: Dict[str, float]) -> None: ...
 
 
 class MainLogger(SilentLogger):
@@ -163,11 +163,14 @@ class MainLogger(SilentLogger):
             report.save(report.plot_curves(history, self.eval_split), self.out_dir / "curves.png")
 
 
-    def wall_time(self, table: str) -> None:
-        """Where the run's wall time went (timing.format_breakdown), on the console and at
-        the end of training_log.md."""
-        self.message("wall time:\n" + table)
-        self._write_markdown(getattr(self, "_footer", "") + "\n## Where the wall time went\n\n" + table + "\n")
+    def wall_time(self, parts: Dict[str, float]) -> None:
+        """Where the run's wall time went (timing.PhaseClock.breakdown): a table on the
+        console, a list at the end of training_log.md."""
+        from .timing import format_breakdown
+
+        self.message("wall time:\n" + format_breakdown(parts))
+        self._write_markdown(getattr(self, "_footer", "") + "\n## Where the wall time went\n\n"
+                             + format_breakdown(parts, as_list=True) + "\n")
 
 
 _TABLE_RULE = "|---:|---:|---:|---:|---:|---:|---:|---:|\n"

@@ -85,10 +85,15 @@ class PhaseClock:
         return {**{k: round(v, 3) for k, v in parts.items()}, "wall": round(wall, 3)}
 
 
-def format_breakdown(parts: Dict[str, float]) -> str:
-    """A markdown table: phase, seconds, share of the wall, what it holds."""
+def format_breakdown(parts: Dict[str, float], as_list: bool = False) -> str:
+    """A markdown table (phase, seconds, share of the wall, what it holds), or a list
+    (`as_list`: for training_log.md, whose one table is the epochs')."""
     wall = max(parts["wall"], 1e-9)
-    rows = [f"| {name} | {parts[name]:.2f} | {100 * parts[name] / wall:.1f}% | {DESCRIPTIONS[name]} |"
-            for name in PHASES if name in parts]
+    shown = [(name, parts[name], DESCRIPTIONS[name]) for name in PHASES if name in parts]
+    if as_list:
+        return "\n".join([*(f"- {name}: {seconds:.2f} s ({100 * seconds / wall:.1f}%): {what}"
+                             for name, seconds, what in shown),
+                          f"- wall: {parts['wall']:.2f} s, from the process's start to the run's end"])
+    rows = [f"| {name} | {seconds:.2f} | {100 * seconds / wall:.1f}% | {what} |" for name, seconds, what in shown]
     return "\n".join(["| phase | seconds | share | what |", "|---|---:|---:|---|", *rows,
                       f"| **wall** | **{parts['wall']:.2f}** | 100% | from the process's start to the run's end |"])

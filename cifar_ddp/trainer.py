@@ -31,7 +31,7 @@ from .files import check_writable_folder
 from .loggers import SilentLogger, make_logger
 from .models import plain_dilated_depthwise
 from .optim import LRSchedule
-from .timing import PhaseClock, format_breakdown
+from .timing import PhaseClock
 
 # How many of the most confident mistakes the end-of-training pictures show.
 FIGURE_MISTAKES = 24
@@ -348,7 +348,7 @@ class Trainer:
         digests = self.ctx.gather_objects(weights_digest(self.model))
         # Where the wall time went, from the process's start (the launcher's clock) to here.
         wall = self.clock.breakdown()
-        self.logger.wall_time(format_breakdown(wall))
+        self.logger.wall_time(wall)
         # The keys say test_ for both splits (a stable interface); `evaluated_on` says which.
         return {**final, "evaluated_on": eval_split(self.cfg), "epochs": self.state.epoch,
                 "setup_seconds": round(self.setup_seconds, 2), "wall_time_s": wall,

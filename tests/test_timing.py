@@ -38,6 +38,7 @@ def test_a_phase_inside_another_pauses_it_and_the_rest_is_other(monkeypatch):
     assert parts["wall"] == 6.75 == sum(v for k, v in parts.items() if k != "wall")
     table = timing.format_breakdown(parts)
     assert "| training steps | 3.50 | 51.9% |" in table and "| **wall** | **6.75** |" in table
+    assert "- training steps: 3.50 s (51.9%)" in timing.format_breakdown(parts, as_list=True)
 
 
 def test_the_process_age_counts_from_the_interpreters_start():
@@ -58,7 +59,7 @@ def test_a_runs_breakdown_adds_up_to_its_wall_and_names_almost_all_of_it(tmp_pat
         assert parts[phase] > 0, phase
     assert parts["other"] <= 0.1 * parts["wall"], parts
     log = (tmp_path / "run" / "training_log.md").read_text()
-    assert "## Where the wall time went" in log and "| training steps |" in log
+    assert "## Where the wall time went" in log and "\n- training steps: " in log
     # eval_every_epochs=2 over 3 epochs: epochs 2 and 3 (the last) are scored, epoch 1 is not.
     rows = [line for line in log.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")
             or line.startswith("| 3 |")]
