@@ -19,7 +19,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import lock as out_dir_lock
-from . import report, rules
+from . import rules
 from .config import CIFAR10_CLASSES, Config
 from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_shard
 from .data.sources import DatasetArrays, load_dataset
@@ -29,6 +29,7 @@ from .ema import WeightEma
 from .engine import EvalResult, NonFiniteLoss, SyncPlan, TrainState, evaluate, resolve_precision, train_one_epoch
 from .errors import UserError
 from .files import check_writable_folder
+from .inference import probabilities
 from .loggers import SilentLogger, make_logger
 from .models import build_model, plain_dilated_depthwise
 from .optim import build_optimizer, lr_at, peak_lr
@@ -344,7 +345,7 @@ class Trainer:
             test = self.data.test
             self.logger.figures(state.global_step, self.data.classes, self.last_eval.confusion,
                                 self.last_eval.mistakes, test.images, test.labels,
-                                report.probabilities(eval_model, test.images, self.data.stats, ctx.device))
+                                probabilities(eval_model, test.images, self.data.stats, ctx.device))
         row = {
             "global_step": state.global_step,
             "lr": self.lr_for_step(state.global_step - 1),

@@ -63,7 +63,7 @@ def main() -> int:
         out = args.out or Path(args.checkpoint).with_suffix(export.FORMATS[args.format])
         export.check_destination(out, args.format, Path(args.checkpoint), args.force)
         cfg = config_from_dict(trained.payload["config"], args.overrides)
-        stats = ChannelStats(**{k: tuple(v) for k, v in trained.payload["stats"].items()})
+        stats = ChannelStats.from_payload(trained.payload["stats"])
         test = load_dataset(cfg.data, seed=cfg.seed, with_train=False, stats=stats, classes=trained.classes).test
         images = uint8_to_input(test.images[:args.parity_images])
         parity = export.write_checked(trained.model, trained.classes, args.format, out, images, args.tolerance,
