@@ -21,16 +21,15 @@ from . import checkpoint as ckpt
 from . import lock as out_dir_lock
 from . import rules
 from .config import CIFAR10_CLASSES, Config
-from .data.loaders import AlbumentationsDataset, TrainBatches, epoch_seed, eval_shard
+from .data.loaders import TrainBatches, epoch_seed, eval_shard
 from .data.sources import DatasetArrays, load_dataset
-from .data.transforms import BatchAugment
 from .distributed import DistContext, wrap_ddp
 from .ema import WeightEma
 from .engine import EvalResult, NonFiniteLoss, SyncPlan, TrainState, evaluate, resolve_precision, train_one_epoch
 from .errors import UserError
 from .files import check_writable_folder
 from .inference import probabilities
-from .loggers import SilentLogger, make_logger
+from .loggers import SilentLogger, augmented_preview, make_logger, run_hparams
 from .models import build_model, plain_dilated_depthwise
 from .optim import build_optimizer, lr_at, peak_lr
 from .step import TrainStep, capture_stream, resolve_step_options
@@ -223,7 +222,7 @@ class Trainer:
         }
         self.logger.start(cfg.to_dict(), info, history=state.history)
         if state.global_step == 0 and ctx.is_main:
-            self.logger.images("train/augmented", _preview(data, cfg), 0)
+            self.logger.images("train/augmented", augmented_preview(data, cfg), 0)
         if self.resume_path is None and _requested_resume(cfg, ctx) == "auto":
             self.logger.message(f"train.resume=auto: no checkpoint in {ckpt.checkpoint_dir(self.out_dir)} yet; "
                                 "starting fresh")
@@ -311,7 +310,9 @@ class Trainer:
         if start_step == 0:
             torch.manual_seed(epoch_seed(self.cfg.seed, self.ctx.rank, epoch) + 1)
         stream = self.logger.progress(batches.iterate(start_step), total=batches.steps_per_epoch,
-                                      desc=f"epoch {epoch + 1}/{t.epochs}", initial=start_step)
+                                      desc=f"epoch {epoch + 1}/{t.epochs}", initial=start_step,
+                                      images_per_step=self.global_batch, run_step=state.global_step,
+                                      run_steps=self.total_steps)
         carried = list(state.epoch_partial) if start_step else []
         self._epoch_clock = (time.perf_counter(), self.step.setup_seconds)
         self._carried_seconds = carried[3] if carried else 0.0
@@ -399,7 +400,7 @@ class Trainer:
         }
         if "test/accuracy_tta" in last:
             final["test_accuracy_tta"] = last["test/accuracy_tta"]
-        self.logger.finish(_hparams(self.cfg, self.ctx), final, self.state.history)
+        self.logger.finish(run_hparams(self.cfg, self.ctx.world_size), final, self.state.history)
         # DDP keeps replicas identical by construction; the digests let anyone check it.
         digests = self.ctx.gather_objects(weights_digest(self.model))
         # The keys say test_ for both splits (a stable interface); `evaluated_on` says which.
@@ -455,28 +456,6 @@ def _stop_reason(signals_received: Dict[int, int], world_size: int, stop_after_s
     ranks = sorted(signals_received)
     return (f"stopped by {names}, sent to rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
             + (" (the others stopped with it)" if len(ranks) < world_size else ""))
-
-
-def _preview(data: DatasetArrays, cfg: Config) -> torch.Tensor:
-    """32 augmented training images, drawn with their own generator so showing
-    them changes nothing in the training run's random stream."""
-    assert data.train is not None
-    images = torch.from_numpy(data.train.images[:32])
-    if cfg.augment.backend == "tensor":
-        return BatchAugment(cfg.augment, data.stats)(images, torch.Generator().manual_seed(cfg.seed))
-    dataset = AlbumentationsDataset(data.train, cfg.augment, data.stats)
-    dataset.pipeline.set_random_seed(cfg.seed)
-    return torch.stack([dataset[i][0] for i in range(min(32, len(dataset)))])
-
-
-def _hparams(cfg: Config, ctx: DistContext) -> Dict[str, Any]:
-    t = cfg.train
-    return {
-        "epochs": t.epochs, "batch_size": t.batch_size, "world_size": ctx.world_size, "lr": t.lr,
-        "optimizer": t.optimizer, "schedule": t.schedule, "weight_decay": t.weight_decay,
-        "label_smoothing": t.label_smoothing, "dropout": cfg.model.dropout, "ema_decay": t.ema_decay,
-        "precision": t.precision, "augment_backend": cfg.augment.backend, "seed": cfg.seed,
-    }
 
 
 def _requested_resume(cfg: Config, ctx: DistContext) -> str:

@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from cifar_ddp import checkpoint as ckpt
-from cifar_ddp import report
+from cifar_ddp import metrics, report
 from cifar_ddp.config import config_from_dict
 from cifar_ddp.data.sources import CIFAR10_CLASSES, ChannelStats, load_dataset
 from cifar_ddp.distributed import DistContext
@@ -47,7 +47,7 @@ def test_report_numbers_equal_an_independent_computation(last_pt: Path, tmp_path
     figures = evaluate_checkpoint(payload, cfg, DistContext(), report_dir=tmp_path / "report", gallery=8)
     # Independently: the model applied to every test image, scored by scikit-learn.
     trained = load_for_inference(last_pt)
-    stats = ChannelStats(**{k: tuple(v) for k, v in payload["stats"].items()})
+    stats = ChannelStats.from_payload(payload["stats"])
     test = load_dataset(cfg.data, with_train=False, stats=stats, classes=trained.classes).test
     with torch.no_grad():
         probabilities = trained.model(uint8_to_input(test.images)).softmax(1).numpy()
@@ -79,9 +79,9 @@ def test_report_numbers_equal_an_independent_computation(last_pt: Path, tmp_path
 
 def test_ece_of_calibrated_and_overconfident_toys():
     # Each bin's accuracy equals its mean confidence: perfectly calibrated.
-    assert report.expected_calibration_error([[10, 10 * 0.55, 10 * 0.55], [0, 0, 0], [30, 30 * 0.95, 30 * 0.95]]) == 0
+    assert metrics.expected_calibration_error([[10, 10 * 0.55, 10 * 0.55], [0, 0, 0], [30, 30 * 0.95, 30 * 0.95]]) == 0
     # 40 images at confidence 0.9, half right: |0.5 - 0.9| = 0.4.
-    assert report.expected_calibration_error([[40, 36.0, 20.0]]) == pytest.approx(0.4)
+    assert metrics.expected_calibration_error([[40, 36.0, 20.0]]) == pytest.approx(0.4)
 
 
 def test_report_files_are_valid_and_say_what_the_json_says(last_pt: Path, tmp_path: Path):
@@ -141,18 +141,18 @@ def test_most_confused_pairs_come_largest_first():
     confusion = [[50, 2, 7],     # a taken for c 7 times, for b twice
                  [9, 40, 0],     # b taken for a 9 times
                  [1, 4, 30]]
-    got = report.most_confused(confusion, classes, count=4)
+    got = metrics.most_confused(confusion, classes, count=4)
     assert [(p["true"], p["predicted"], p["images"]) for p in got] == \
         [("b", "a", 9), ("a", "c", 7), ("c", "b", 4), ("a", "b", 2)]
     # The diagonal and empty cells are never listed.
-    assert len(report.most_confused(confusion, classes, count=10)) == 5
+    assert len(metrics.most_confused(confusion, classes, count=10)) == 5
 
 
 def test_ece_does_not_let_over_and_under_confident_bins_cancel():
     # Bin 1: 10 images at mean confidence 0.9, 5 right; bin 2: 10 at 0.2, 6 right:
     # (|5 - 9| + |6 - 2|) / 20 = 0.4, although the signed gaps sum to 0.
-    assert report.expected_calibration_error([[10, 9.0, 5.0], [10, 2.0, 6.0]]) == pytest.approx(0.4)
-    assert report.expected_calibration_error([[0, 0, 0], [0, 0, 0]]) == 0.0
+    assert metrics.expected_calibration_error([[10, 9.0, 5.0], [10, 2.0, 6.0]]) == pytest.approx(0.4)
+    assert metrics.expected_calibration_error([[0, 0, 0], [0, 0, 0]]) == 0.0
 
 
 def test_reliability_diagram_draws_each_bins_accuracy_at_its_centre_and_its_count():
@@ -165,4 +165,4 @@ def test_reliability_diagram_draws_each_bins_accuracy_at_its_centre_and_its_coun
     assert bars == [(0.3, 0.2), (0.9, 0.8)]
     counts = [(round(p.get_x() + p.get_width() / 2, 6), p.get_height()) for p in count_ax.patches]
     assert counts == [(0.1, 0), (0.3, 10), (0.5, 0), (0.7, 0), (0.9, 30)]
-    report.plt.close(fig)
+    report.pyplot().close(fig)
