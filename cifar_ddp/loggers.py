@@ -127,7 +127,7 @@ class MainLogger(SilentLogger):
 
     def step(self, global_step: int, scalars: Dict[str, float]) -> None:
         for name, value in scalars.items():
-            self.writer.add_scalar(name, value, global_step)
+            self.writer.add_scalar(self._tag(name), value, global_step)
         if self._bar is not None:
             self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
 
@@ -270,8 +270,10 @@ def run_hparams(cfg: Config, world_size: int) -> Dict[str, Any]:
         "train.label_smoothing": t.label_smoothing, "train.ema_decay": t.ema_decay,
         "train.precision": t.precision, "seed": cfg.seed,
     }
-    # The hparams plugin holds numbers, strings and booleans only.
-    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}
+    # The hparams plugin holds numbers and strings (torch writes a bool as the number 0/1:
+    # written as the config says it instead).
+    return {k: ("true" if v else "false") if isinstance(v, bool) else v if isinstance(v, (int, float, str)) else str(v)
+            for k, v in values.items()}
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
