@@ -103,9 +103,9 @@ def plot_gallery(images: np.ndarray, captions: Sequence[str], columns: int = 5, 
     n = len(images)
     cols = columns * per_item
     rows = max(1, -(-n * per_item // cols))
-    # Each panel ~1.8 in: a two-line caption at 9 pt fits above it, at most one page wide.
-    panel = min(1.8, PAGE_WIDTH_IN / cols)
-    bar_height = 0.7 if overlays is not None else 0.0
+    # Panels of up to 2.1 in: a two-line caption at 9 pt fits above each; at most one page wide.
+    panel = min(2.1, PAGE_WIDTH_IN / cols)
+    bar_height = 0.6 if overlays is not None else 0.0
     fig, axes = plt.subplots(rows, cols, figsize=(cols * panel, rows * (panel + 0.45) + bar_height),
                              squeeze=False, layout="constrained")
     for ax in axes.flat:
@@ -122,9 +122,11 @@ def plot_gallery(images: np.ndarray, captions: Sequence[str], columns: int = 5, 
             mappable = cam_ax.imshow(overlays[i], cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
             cam_ax.set_title("Grad-CAM", fontsize=9)
     if mappable is not None:
-        bar = fig.colorbar(mappable, ax=axes, orientation="horizontal", fraction=0.9 / (rows * (panel + 0.45)),
-                           shrink=0.5, aspect=40)
-        bar.set_label("Grad-CAM: share of the strongest evidence for the predicted class", fontsize=9)
+        # Grad-CAM scales each map to [0, 1] on its own: 1 is the picture's strongest evidence.
+        bar = fig.colorbar(mappable, ax=axes, orientation="horizontal", location="bottom",
+                           fraction=0.15 / (rows * (panel + 0.45) + bar_height), pad=0.01, shrink=0.5, aspect=40)
+        bar.set_label("Grad-CAM, each map scaled to its own strongest evidence (1) for the predicted class",
+                      fontsize=9)
         bar.solids.set_alpha(1)
     return fig
 
