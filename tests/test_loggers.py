@@ -50,7 +50,8 @@ def _layout(events):
 def test_hparams_live_in_the_run_beside_the_scalars_they_name(tmp_path: Path):
     out = tmp_path / "run"
     result = train_in_process(out, **{"model.widths": "[8,16,32]", "augment.cutout_p": 0.25,
-                                      "augment.backend": "tensor", "train.epochs": 2})
+                                      "augment.backend": "tensor", "train.epochs": 2,
+                                      "train.log_every_steps": 2})
     runs = [p for p in (out / "tensorboard").rglob("*") if p.is_dir()]
     assert runs == [], "add_hparams's second run (tensorboard/hparams) must not come back"
     events = _events(out / "tensorboard")
@@ -77,6 +78,7 @@ def test_train_and_evaluation_curves_share_a_chart_on_the_split_evaluated(tmp_pa
         logger.start({"seed": 0}, {"world size": 1})
         row = {"global_step": 8, "lr": 0.1, "train/loss": 2.0, "train/accuracy": 0.25, "test/loss": 1.5,
                "test/accuracy": 0.375, "epoch_seconds": 1.0, "throughput/images_per_s": 100.0}
+        logger.step(3, {"train/step_loss": 2.1, "lr": 0.05})   # the trainer's names, per sync step
         logger.epoch(1, 1, row)
         cfg = load_config(None, ["data.source=fake"])
         logger.finish(run_hparams(cfg, 1), {"test_accuracy": 0.375, "test_loss": 1.5})
@@ -85,7 +87,9 @@ def test_train_and_evaluation_curves_share_a_chart_on_the_split_evaluated(tmp_pa
             "loss": ["^train/loss$", f"^{split}/loss$"],
             "accuracy": ["^train/accuracy$", f"^{split}/accuracy$", f"^{split}/accuracy_tta$"]}}
         assert [(s.step, s.value) for s in events.Scalars(f"{split}/accuracy")] == [(8, 0.375)]
-        assert [s.value for s in events.Scalars("train/lr")] == [pytest.approx(0.1)]
+        assert [(s.step, s.value) for s in events.Scalars("train/lr")] == [(3, pytest.approx(0.05)),
+                                                                           (8, pytest.approx(0.1))]
+        assert "lr" not in events.Tags()["scalars"]
         _, metric_tags = _hparams(events)
         assert metric_tags == [f"{split}/accuracy", f"{split}/loss", "train/accuracy", "train/loss"]
 
