@@ -168,25 +168,36 @@ def test_reliability_diagram_draws_each_bins_accuracy_at_its_centre_and_its_coun
     report.pyplot().close(fig)
 
 
-def test_tta_is_reported_beside_the_plain_accuracy(last_pt: Path):
+def test_tta_is_reported_beside_the_plain_accuracy(last_pt: Path, tmp_path: Path):
+    from conftest import make_image_folder
+
+    # Noise pictures: the toy model's answers on them change when mirrored (flat colours would not).
+    noise = make_image_folder(tmp_path / "noise", per_class=10, splits=("test",), seed=3)
     payload = ckpt.load_file(last_pt)
-    cfg = config_from_dict(payload["config"], ["train.channels_last=false", "train.precision=fp32"])
+    cfg = config_from_dict(payload["config"], ["train.channels_last=false", "train.precision=fp32",
+                                               f"data.root={noise}"])
     plain = evaluate_checkpoint(payload, cfg, DistContext())
     both = evaluate_checkpoint(payload, cfg, DistContext(), tta_flip=True)
-    assert "accuracy_tta" not in plain and both["accuracy"] == plain["accuracy"]
-    assert both["confusion_matrix"] == plain["confusion_matrix"]
-    # Independently: the mean of the logits of each image and its mirror, in float64.
+    assert "accuracy_tta" not in plain
+    # Independently, in float64: the plain logits, and the mean of each image's and its mirror's.
     trained = load_for_inference(last_pt)
     test = load_dataset(cfg.data, with_train=False, stats=ChannelStats.from_payload(payload["stats"]),
                         classes=trained.classes).test
     x = uint8_to_input(test.images).double()
     net = trained.model.double()
     with torch.no_grad():
-        logits = (net(x) + net(x.flip(3))) / 2
-    correct = int((logits.argmax(1).numpy() == test.labels).sum())
-    assert both["correct_tta"] == correct and both["accuracy_tta"] == pytest.approx(correct / 100)
+        logits = net(x)
+        mirrored = (logits + net(x.flip(3))) / 2
+    plain_matrix = confusion_matrix(test.labels, logits.argmax(1).numpy(), labels=range(10))
+    tta_matrix = confusion_matrix(test.labels, mirrored.argmax(1).numpy(), labels=range(10))
+    assert not np.array_equal(plain_matrix, tta_matrix), "the data must tell TTA from plain"
+    # The plain figures stay plain (accuracy, confusion matrix); TTA's come beside them.
+    assert np.array_equal(np.asarray(both["confusion_matrix"]), plain_matrix) and both["accuracy"] == plain["accuracy"]
+    assert both["correct"] == np.trace(plain_matrix) and both["correct_tta"] == np.trace(tta_matrix)
+    assert both["accuracy_tta"] == pytest.approx(np.trace(tta_matrix) / 100)
     text = format_report(both)
-    assert f"accuracy: {100 * plain['accuracy']:.2f}%" in text and f"accuracy with flip TTA: {correct:.2f}%" in text  # of 100
+    assert f"accuracy: {np.trace(plain_matrix):.2f}%" in text  # of 100 images
+    assert f"accuracy with flip TTA: {np.trace(tta_matrix):.2f}%" in text
 
 
 def test_evaluating_a_validation_carve_says_val_everywhere(last_pt: Path, tmp_path: Path):
