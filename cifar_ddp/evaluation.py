@@ -39,7 +39,7 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
     if report_dir is not None:
         from . import report   # matplotlib: only for a report
 
-        cam_layer = cam_layer or report.default_cam_layer(model) or cam_layer_name(cfg.model, model)
+        cam_layer = cam_layer or report.default_cam_layer(model, cam_layer_name(cfg.model, model))
         layer = find_layer(model, cam_layer)
     data = load_dataset(cfg.data, seed=cfg.seed, with_train=False, stats=stats, classes=class_names(cfg))
     state, uses_ema = checkpoint_weights(payload)   # the weights the run itself evaluated

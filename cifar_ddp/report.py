@@ -145,13 +145,18 @@ MIN_CAM_MAP = 4
 
 
 @torch.no_grad()
-def default_cam_layer(model: nn.Module, input_size: int = 32) -> Optional[str]:
-    """The last top-level block whose output map is at least MIN_CAM_MAP x MIN_CAM_MAP
-    (c3 for the seed, whose c4 is 2 x 2); None when no block's is."""
+def default_cam_layer(model: nn.Module, preferred: str, input_size: int = 32) -> str:
+    """`preferred` (the model's own choice, models.cam_layer_name) when its output map is at
+    least MIN_CAM_MAP x MIN_CAM_MAP, else the last top-level block whose map is (c3 for the
+    seed, whose c4 is 2 x 2); `preferred` when no block's is."""
     sizes: Dict[str, tuple] = {}
-    handles = [block.register_forward_hook(
-        lambda module, inputs, output, name=name: sizes.__setitem__(name, tuple(output.shape))
-        if isinstance(output, torch.Tensor) else None) for name, block in model.named_children()]
+    names = {module: name for name, module in model.named_modules() if name}
+
+    def record(module: nn.Module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes[names[module]] = tuple(output.shape)
+
+    handles = [module.register_forward_hook(record) for module in names]
     was_training = model.training
     try:
         model.eval()
@@ -161,9 +166,15 @@ def default_cam_layer(model: nn.Module, input_size: int = 32) -> Optional[str]:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    spatial = [name for name, shape in sizes.items() if len(shape) == 4 and min(shape[-2:]) >= MIN_CAM_MAP]
-    # Hooks fire in the order blocks finish: the last recorded is the deepest.
-    return spatial[-1] if spatial else None
+
+    def detailed(name: str) -> bool:
+        shape = sizes.get(name, ())
+        return len(shape) == 4 and min(shape[-2:]) >= MIN_CAM_MAP
+
+    if detailed(preferred):
+        return preferred
+    blocks = [name for name, _ in model.named_children() if detailed(name)]
+    return blocks[-1] if blocks else preferred
 
 
 def plot_curves(history: Sequence[Dict[str, Any]], eval_split: str = "test") -> Figure:

@@ -306,17 +306,25 @@ def test_folder_paths_survive_the_array_cache_and_the_validation_carve(tmp_path:
 def test_grad_cam_default_layer_is_the_last_block_with_a_map_of_4x4_or_more():
     from torch import nn
 
-    from cifar_ddp.models import build_model
+    from cifar_ddp.models import build_model, cam_layer_name
+    from cifar_ddp.config import ModelConfig
 
-    assert report.default_cam_layer(build_model("seed")) == "c3"          # c3: 4x4, c4: 2x2
+    seed = build_model("seed")
+    assert cam_layer_name(ModelConfig(name="seed"), seed) == "c4"              # registered; 2x2
+    assert report.default_cam_layer(seed, "c4") == "c3"                         # c3: 4x4
+    sep = build_model("sep_resnet")
+    assert report.default_cam_layer(sep, cam_layer_name(ModelConfig(name="sep_resnet"), sep)) == "c4"   # 4x4
     toy = nn.Sequential()
     toy.add_module("a", nn.Conv2d(3, 4, 3, padding=1))                     # 32x32
     toy.add_module("b", nn.Conv2d(4, 4, 3, stride=8, padding=1))           # 4x4
     toy.add_module("c", nn.Conv2d(4, 4, 3, stride=2, padding=1))           # 2x2
     toy.add_module("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)))
-    assert report.default_cam_layer(toy) == "b"
+    assert report.default_cam_layer(toy, "c") == "b"
+    assert report.default_cam_layer(toy, "a") == "a"                       # a choice with detail is kept
     toy.b.stride = (16, 16)                                                # b: 2x2 now
-    assert report.default_cam_layer(toy) == "a"
+    assert report.default_cam_layer(toy, "c") == "a"
+    toy.a.stride = (32, 32)                                                # nothing has 4x4: the choice stands
+    assert report.default_cam_layer(toy, "c") == "c"
 
 
 def test_the_grad_cam_figure_fits_the_page_and_has_a_colour_bar():
