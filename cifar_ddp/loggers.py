@@ -181,7 +181,7 @@ class MainLogger(SilentLogger):
 
     def finish(self, hparams: Dict[str, Any], final: Dict[str, float],
                history: Sequence[Dict[str, Any]] = ()) -> None:
-        self._write_hparams(hparams, final)
+        self._write_hparams(hparams)
         final = {self._final_name(k): v for k, v in final.items()}
         self.writer.flush()
         self.writer.close()
@@ -193,18 +193,20 @@ class MainLogger(SilentLogger):
             report.save(report.plot_curves(history, self.eval_split), self.out_dir / "curves.png")
 
 
-    def _write_hparams(self, hparams: Dict[str, Any], final: Dict[str, float]) -> None:
-        """The hparams summary written into this run's own event file, its metrics naming
-        the run's real scalars (SummaryWriter.add_hparams would write a second run,
-        tensorboard/hparams, with one-point copies of them)."""
+    def _write_hparams(self, hparams: Dict[str, Any]) -> None:
+        """The run's settings for TensorBoard's HPARAMS tab, written into this run's own event
+        file beside its scalars (SummaryWriter.add_hparams writes a second run,
+        tensorboard/hparams, with one-point copies of them). Only the session summaries: left
+        without an experiment summary, TensorBoard builds the experiment from all the runs it
+        shows, with the settings that differ between them first (model.name for seed vs
+        sep_resnet) and the runs' real scalars (test/accuracy, test/loss, ...) as metrics.
+        One run's experiment summary would list its settings alphabetically instead, and
+        the table shows the first five: five augment.* settings every run shares."""
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-        tags = ["test/accuracy", "test/loss"] + (["test/accuracy_tta"] if "test_accuracy_tta" in final else []) \
-            + ["train/accuracy", "train/loss"]
-        # Only the metrics' names matter: TensorBoard shows each tag's last scalar.
-        for summary in hparams_summaries(clean, {self._tag(tag): 0.0 for tag in tags}):
-            self.writer.file_writer.add_summary(summary)
+        _, session_start, session_end = hparams_summaries(hparams, {})
+        self.writer.file_writer.add_summary(session_start)
+        self.writer.file_writer.add_summary(session_end)
 
 
 class ProgressLines:
