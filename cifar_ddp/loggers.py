@@ -6,6 +6,7 @@ of augmented images."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import sys
@@ -139,11 +140,10 @@ class MainLogger(SilentLogger):
 
     def epoch(self, epoch: int, total_epochs: int, row: Dict[str, Any]) -> None:
         step = row["global_step"]
-        for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "train/lr",
+        for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr",
                      "throughput/images_per_s", "test/accuracy_tta", "skipped_steps", "scaler_skipped_steps"):
-            key = "lr" if name == "train/lr" else name   # the trainer's rows say "lr"
-            if key in row:
-                self.writer.add_scalar(self._tag(name), row[key], step)
+            if name in row:
+                self.writer.add_scalar(self._tag(name), row[name], step)
         self.writer.flush()
         self._md_rows.append(_markdown_row(epoch, row))
         self._write_markdown()
@@ -156,7 +156,9 @@ class MainLogger(SilentLogger):
         )
 
     def _tag(self, name: str) -> str:
-        if name == "lr":   # beside the other train/ scalars, not a card of its own
+        """The TensorBoard tag of the trainer's name: "test/..." as the split evaluated,
+        "lr" beside the other train/ scalars rather than a card of its own."""
+        if name == "lr":
             return "train/lr"
         return self.eval_split + name[len("test"):] if name.startswith("test/") else name
 
@@ -266,7 +268,7 @@ def run_hparams(cfg: Config, world_size: int) -> Dict[str, Any]:
         "model.name": m.name, "model.widths": ",".join(map(str, m.widths)) or "default",
         "model.dropout": m.dropout, "model.zero_init_residual": m.zero_init_residual,
         **{f"model.args.{k}": v for k, v in _flatten(m.args).items()},
-        **{f"augment.{k}": v for k, v in cfg.augment.__dict__.items()},
+        **{f"augment.{k}": v for k, v in dataclasses.asdict(cfg.augment).items()},
         "train.epochs": t.epochs, "train.batch_size": t.batch_size, "world_size": world_size, "train.lr": t.lr,
         "train.optimizer": t.optimizer, "train.schedule": t.schedule, "train.weight_decay": t.weight_decay,
         "train.label_smoothing": t.label_smoothing, "train.ema_decay": t.ema_decay,
