@@ -40,6 +40,12 @@ def step_options(train: TrainConfig, device: torch.device) -> Tuple[TrainConfig,
     return resolve_step_options(train, device, precision), precision
 
 
+def eval_split(cfg: Config) -> str:
+    """The split a run scores: "val" when data.val_size carves it out of the training
+    images (a recipe tuned on it must not be reported as a test figure), else "test"."""
+    return "val" if cfg.data.val_size else "test"
+
+
 def class_names(cfg: Config) -> Tuple[str, ...]:
     if cfg.data.source == "fake":
         return tuple(f"class{i}" for i in range(cfg.model.num_classes))
@@ -125,5 +131,6 @@ def build_step(model: nn.Module, optimization: Optimization, train: TrainConfig,
                      ema=optimization.ema, scaler=optimization.scaler, bare_model=model, stream=stream)
 
 
-__all__ = ["Optimization", "build_optimization", "build_step", "build_training_model", "class_names", "load_data",
+__all__ = ["Optimization", "build_optimization", "build_step", "build_training_model", "class_names", "eval_split",
+           "load_data",
            "seed_everything", "step_options", "train_batches"]

@@ -32,7 +32,8 @@ Exit status: 0 done, 2 bad config/data/checkpoint (message on stderr),
 train.stop_after_steps, after writing a checkpoint (resume with train.resume=auto).
 """
 
-EVALUATE = """Evaluate a checkpoint on the test split of the configured data.
+EVALUATE = """Evaluate a checkpoint on the test split of the configured data (on the validation
+carve, "val", when the checkpoint's config has data.val_size > 0).
 
     cifar-ddp evaluate --checkpoint runs/fast85/checkpoints/best.pt
     cifar-ddp evaluate --checkpoint CKPT data.source=folder data.root=DIR --json
@@ -171,14 +172,15 @@ def _print_config(config: Optional[str], overrides: List[str]) -> int:
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by train")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--tta", action="store_true", help="average logits of each image and its mirror")
+    parser.add_argument("--tta", action="store_true", help="also report the accuracy with flip TTA (the logits of each "
+                        "image and its mirror averaged), beside the plain one")
     parser.add_argument("--report", metavar="DIR", help="write report.md, index.html and pictures there: "
                         "confusion matrix, per-class precision/recall/F1, calibration, the most confident "
                         "mistakes and their Grad-CAM")
     parser.add_argument("--gallery", type=int, default=25, help="mistakes shown in the report (default %(default)s)")
     parser.add_argument("--cam-layer", default="", help="the layer Grad-CAM looks at, a dotted module path "
-                        "(default: the model's own choice, c4 for the built-in ones, else its last module with a spatial "
-                        "output)")
+                        "(default: the model's own choice, else its last module with a spatial output; "
+                        "when that map is under 4x4, the last block whose map is 4x4 or more: c3 for the seed)")
     parser.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
@@ -241,7 +243,7 @@ def _export_checked(args: argparse.Namespace) -> int:
     else:
         export.check_destination(out, args.format, Path(args.checkpoint), args.force)
     cfg = config_from_dict(trained.payload["config"], args.overrides)
-    stats = ChannelStats(**{k: tuple(v) for k, v in trained.payload["stats"].items()})
+    stats = ChannelStats.from_payload(trained.payload["stats"])
     test = load_dataset(cfg.data, seed=cfg.seed, with_train=False, stats=stats, classes=trained.classes).test
     images = uint8_to_input(test.images[:args.parity_images])
     if folder:
@@ -403,7 +405,7 @@ def config_purpose(path: Path) -> str:
 COMMANDS: Dict[str, Tuple[str, str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "train": ("train a model (also under torchrun / accelerate)", TRAIN, _train_arguments, _train),
-    "evaluate": ("score a checkpoint on the test split; --report for pictures", EVALUATE, _evaluate_arguments,
+    "evaluate": ("score a checkpoint on its evaluation split (test, or the val carve); --report for pictures", EVALUATE, _evaluate_arguments,
                  _evaluate),
     "export": ("write a checkpoint's model as ONNX, TorchScript or safetensors", EXPORT, _export_arguments, _export),
     "predict": ("classify image files with a checkpoint or an export", PREDICT, _predict_arguments, _predict),

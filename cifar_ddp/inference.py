@@ -17,6 +17,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import config_from_dict
+from .data.loaders import eval_batches
+from .data.sources import ImageSplit
 from .errors import UserError
 from .models import build_model, require_named
 
@@ -123,5 +125,15 @@ def uint8_to_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).contiguous()
 
 
+@torch.no_grad()
+def probabilities(model: nn.Module, images: np.ndarray, stats, device: torch.device,
+                  batch_size: int = 500) -> np.ndarray:
+    """Softmax of `model` (the training model: normalized input) over N x 32 x 32 x 3 uint8."""
+    model.eval()
+    split = ImageSplit(images, np.zeros(len(images), dtype=np.int64))
+    out = [model(x.float()).float().softmax(1).cpu() for x, _ in eval_batches(split, stats, batch_size, device)]
+    return torch.cat(out).numpy()
+
+
 __all__ = ["NormalizedModel", "TrainedModel", "checkpoint_weights", "load_for_inference", "IMAGE_SUFFIXES",
-           "image_files", "read_images", "uint8_to_input"]
+           "image_files", "read_images", "uint8_to_input", "probabilities"]

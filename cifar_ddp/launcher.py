@@ -170,11 +170,11 @@ def run_lr_find(config_path: Optional[str], overrides: List[str], steps: int, st
         if ctx.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             save(plot(result), path)
-            per_reference = result.config_lr(cfg.train.lr_reference_batch)
             print(f"swept {len(result.lrs)} steps, LR {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}"
                   + (" (stopped early: the loss diverged)" if result.stopped_early else "") + f"; plot: {path}")
             print(f"suggested peak LR {result.suggested_lr:.4g} at global batch {result.global_batch}: "
-                  f"train.lr={per_reference:.4g} (train.lr is per {cfg.train.lr_reference_batch} images)", flush=True)
+                  f"train.lr={result.suggested_train_lr:.4g} (train.lr is per {result.lr_reference_batch} images)",
+                  flush=True)
 
     return _launch(prepare, work, again="run lr_find again")
 

@@ -32,11 +32,12 @@ class LRFindResult:
     suggested_lr: float          # for this run's global batch
     stopped_early: bool          # the loss diverged before the last step
     global_batch: int
+    lr_reference_batch: int = 256    # train.lr's batch: the value a user types is per this many images
 
-    def config_lr(self, reference_batch: int) -> float:
-        """The suggestion as the user writes it: `train.lr` is per `reference_batch` images
-        (linear scaling, optim.peak_lr), the sweep ran at `global_batch`."""
-        return self.suggested_lr * reference_batch / self.global_batch
+    @property
+    def suggested_train_lr(self) -> float:
+        """The suggestion as a user types it: train.lr, per `lr_reference_batch` images."""
+        return self.suggested_lr * self.lr_reference_batch / self.global_batch
 
 
 def lr_range_test(cfg: Config, ctx: DistContext, steps: int = 200, start: float = 1e-5, end: float = 10.0,
@@ -73,7 +74,8 @@ def lr_range_test(cfg: Config, ctx: DistContext, steps: int = 200, start: float 
             if len(lrs) == steps:
                 break
         epoch += 1
-    return LRFindResult(lrs, losses, suggest(lrs, losses), stopped_early, train.batch_size * ctx.world_size)
+    return LRFindResult(lrs, losses, suggest(lrs, losses), stopped_early, train.batch_size * ctx.world_size,
+                        train.lr_reference_batch)
 
 
 def suggest(lrs: List[float], losses: List[float]) -> float:
@@ -88,11 +90,14 @@ def suggest(lrs: List[float], losses: List[float]) -> float:
 
 
 def plot(result: LRFindResult):
-    from . import report   # matplotlib, Agg
+    from .report import pyplot   # matplotlib, Agg
 
-    fig, ax = report.plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     ax.plot(result.lrs, result.losses)
-    ax.axvline(result.suggested_lr, color="red", ls="--", label=f"suggested {result.suggested_lr:.3g}")
+    # The line stands at the sweep's LR (this global batch); the legend gives what to type.
+    ax.axvline(result.suggested_lr, color="red", ls="--",
+               label=f"suggested: train.lr={result.suggested_train_lr:.3g}\n(per {result.lr_reference_batch} images; "
+                     f"{result.suggested_lr:.3g} at batch {result.global_batch})")
     ax.set_xscale("log")
     ax.set_xlabel(f"learning rate (global batch {result.global_batch})")
     ax.set_ylabel("training loss (smoothed)")

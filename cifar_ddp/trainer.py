@@ -16,19 +16,19 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import lock as out_dir_lock
-from . import report, resume, rules
-from .assembly import (build_optimization, build_step, build_training_model, load_data, seed_everything,
-                       step_options, train_batches)
+from . import resume, rules
+from .assembly import (build_optimization, build_step, build_training_model, eval_split, load_data,
+                       seed_everything, step_options, train_batches)
 from .config import Config
-from .data.loaders import AlbumentationsDataset, epoch_seed, eval_shard
+from .data.loaders import epoch_seed, eval_shard
 from .data.mixing import mixing_enabled
 from .data.sources import DatasetArrays
-from .data.transforms import BatchAugment
 from .distributed import DistContext
 from .engine import EpochMeter, EvalResult, SyncPlan, TrainState, evaluate, train_one_epoch
 from .errors import NonFiniteLoss, Preempted, UserError
 from .files import check_writable_folder
-from .loggers import SilentLogger, make_logger
+from .inference import probabilities
+from .loggers import SilentLogger, augmented_preview, make_logger, run_hparams
 from .models import plain_dilated_depthwise
 from .optim import LRSchedule
 from .timing import PhaseClock
@@ -57,10 +57,6 @@ class StopSignal:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def eval_split(cfg: Config) -> str:
-    return "val" if cfg.data.val_size else "test"
 
 
 class Trainer:
@@ -143,7 +139,7 @@ class Trainer:
             info["train accuracy"] = "against each mixed image's dominant label (mixup/CutMix on)"
         self.logger.start(cfg.to_dict(), info, history=state.history)
         if state.global_step == 0 and ctx.is_main:
-            self.logger.images("train/augmented", _preview(data, cfg), 0)
+            self.logger.images("train/augmented", augmented_preview(data, cfg), 0)
         if self.resume_path is None and resume.requested(cfg, ctx) == "auto":
             self.logger.message(f"train.resume=auto: no checkpoint in {ckpt.checkpoint_dir(self.out_dir)} yet; "
                                 "starting fresh")
@@ -237,7 +233,9 @@ class Trainer:
         if start_step == 0:
             torch.manual_seed(epoch_seed(self.cfg.seed, self.ctx.rank, epoch) + 1)
         progress = self.logger.progress(batches.iterate(start_step), total=batches.steps_per_epoch,
-                                        desc=f"epoch {epoch + 1}/{options.epochs}", initial=start_step)
+                                        desc=f"epoch {epoch + 1}/{options.epochs}", initial=start_step,
+                                        images_per_step=self.optimization.global_batch,
+                                        run_step=state.global_step, run_steps=self.schedule.total_steps)
         self.meter = EpochMeter(self.step, self.ctx, carried=state.epoch_partial if start_step else ())
         try:
             with self.clock.phase("training steps"):
@@ -301,7 +299,7 @@ class Trainer:
                 test = self.data.test
                 self.logger.figures(state.global_step, self.data.classes, self.last_eval.confusion,
                                     self.last_eval.mistakes, test.images, test.labels,
-                                    report.probabilities(eval_model, test.images, self.data.stats, ctx.device))
+                                    probabilities(eval_model, test.images, self.data.stats, ctx.device))
         scores = {"test/loss": self.last_eval.loss, "test/accuracy": self.last_eval.accuracy}
         if self.last_eval.accuracy_tta is not None:
             scores["test/accuracy_tta"] = self.last_eval.accuracy_tta
@@ -343,7 +341,7 @@ class Trainer:
         if "test/accuracy_tta" in last:
             final["test_accuracy_tta"] = last["test/accuracy_tta"]
         with self.clock.phase("logging"):
-            self.logger.finish(_hparams(self.cfg, self.ctx), final, self.state.history)
+            self.logger.finish(run_hparams(self.cfg, self.ctx.world_size), final, self.state.history)
         # DDP keeps replicas identical by construction; the digests let anyone check it.
         digests = self.ctx.gather_objects(weights_digest(self.model))
         # Where the wall time went, from the process's start (the launcher's clock) to here.
@@ -419,26 +417,6 @@ def _stop_reason(signals_received: Dict[int, int], world_size: int, stop_after_s
             + (" (the others stopped with it)" if len(ranks) < world_size else ""))
 
 
-def _preview(data: DatasetArrays, cfg: Config) -> torch.Tensor:
-    """32 augmented training images, drawn with their own generator so showing
-    them changes nothing in the training run's random stream."""
-    assert data.train is not None
-    images = torch.from_numpy(data.train.images[:32])
-    if cfg.augment.backend == "tensor":
-        return BatchAugment(cfg.augment, data.stats)(images, torch.Generator().manual_seed(cfg.seed))
-    dataset = AlbumentationsDataset(data.train, cfg.augment, data.stats)
-    dataset.pipeline.set_random_seed(cfg.seed)
-    return torch.stack([dataset[i][0] for i in range(min(32, len(dataset)))])
-
-
-def _hparams(cfg: Config, ctx: DistContext) -> Dict[str, Any]:
-    t = cfg.train
-    return {
-        "epochs": t.epochs, "batch_size": t.batch_size, "world_size": ctx.world_size, "lr": t.lr,
-        "optimizer": t.optimizer, "schedule": t.schedule, "weight_decay": t.weight_decay,
-        "label_smoothing": t.label_smoothing, "dropout": cfg.model.dropout, "ema_decay": t.ema_decay,
-        "precision": t.precision, "augment_backend": cfg.augment.backend, "seed": cfg.seed,
-    }
 
 
 def checkpoint_size(model: nn.Module, ema: Optional[nn.Module], t) -> int:

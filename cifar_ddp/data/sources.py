@@ -11,7 +11,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,6 +31,8 @@ class DataError(UserError):
 class ImageSplit:
     images: np.ndarray   # (N, 32, 32, 3) uint8, RGB
     labels: np.ndarray   # (N,) int64
+    # Folder data only: each image's file (the report names it); None for the other sources.
+    paths: Optional[Tuple[str, ...]] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -40,6 +42,11 @@ class ImageSplit:
 class ChannelStats:
     mean: Tuple[float, float, float]   # per channel, on the [0, 1] scale
     std: Tuple[float, float, float]
+
+    @classmethod
+    def from_payload(cls, stats: Dict[str, Any]) -> "ChannelStats":
+        """From the plain dict a checkpoint stores (lists, as asdict wrote them)."""
+        return cls(mean=tuple(stats["mean"]), std=tuple(stats["std"]))
 
 
 @dataclass
@@ -145,10 +152,12 @@ def _load_folder_split(cfg: DataConfig, split: str, classes: Sequence[str]) -> I
     files = _list_folder_split(root / split, classes)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else root / ".cifar_ddp_cache"
     cache = cache_dir / f"{split}-{_fingerprint(files)}.npz"
+    # The paths come from the listing, not the cache: the cache keeps only the arrays.
+    paths = tuple(str(p) for p, _ in files)
     if cache.is_file():
         try:
             with np.load(cache) as npz:
-                return ImageSplit(npz["images"], npz["labels"])
+                return ImageSplit(npz["images"], npz["labels"], paths)
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
     images = np.stack([_decode(p) for p, _ in files])
@@ -157,7 +166,7 @@ def _load_folder_split(cfg: DataConfig, split: str, classes: Sequence[str]) -> I
         _atomic_save_npz(cache, images=images, labels=labels)
     except OSError:
         pass  # read-only data root: decoding again next time is slower but correct
-    return ImageSplit(images, labels)
+    return ImageSplit(images, labels, paths)
 
 
 # ------------------------------------------------------------------------ fake
@@ -196,8 +205,11 @@ def _carve_validation(train: ImageSplit, size: int, seed: int) -> Tuple[ImageSpl
         raise DataError(f"data.val_size={size} leaves no training images (the split has {len(train)}); lower it")
     order = np.random.default_rng(seed).permutation(len(train))
     val, rest = order[:size], np.sort(order[size:])
-    return (ImageSplit(train.images[rest], train.labels[rest]),
-            ImageSplit(train.images[val], train.labels[val]))
+    def paths(which: np.ndarray) -> Optional[Tuple[str, ...]]:
+        return None if train.paths is None else tuple(train.paths[i] for i in which)
+
+    return (ImageSplit(train.images[rest], train.labels[rest], paths(rest)),
+            ImageSplit(train.images[val], train.labels[val], paths(val)))
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0, with_train: bool = True,
