@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.loaders import eval_batches
+from .data.loaders import DeviceEvalSplit, eval_batches
 from .data.sources import ChannelStats, ImageSplit
 from .distributed import DistContext
 from .errors import NonFiniteLoss
@@ -167,7 +167,7 @@ CALIBRATION_BINS = 15
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, shard: ImageSplit, stats: ChannelStats, ctx: DistContext,
+def evaluate(model: nn.Module, shard: ImageSplit | DeviceEvalSplit, stats: ChannelStats, ctx: DistContext,
              precision: str, num_classes: int, batch_size: int = 500,
              tta_flip: bool = False, channels_last: bool = True, keep_mistakes: int = 0,
              with_tta_accuracy: bool = False) -> EvalResult:

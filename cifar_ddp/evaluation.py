@@ -54,7 +54,7 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
     # the training log's, and the report's per-class numbers and mistakes are the plain ones.
     tta = evaluate(model, shard, stats, ctx, precision, cfg.model.num_classes, tta_flip=True,
                    channels_last=cfg.train.channels_last) if tta_flip else None
-    numbers = metrics.summary(result, data.classes)
+    numbers = metrics.report_numbers(result, data.classes)
     paths = data.test.paths
     if report_dir is not None and ctx.is_main:
         viewer = NormalizedModel(model, stats.mean, stats.std).to(ctx.device).eval()

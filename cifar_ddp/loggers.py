@@ -24,8 +24,9 @@ from .data.transforms import BatchAugment
 from .files import atomic_write
 
 
-class SilentLogger:
-    """What every rank but 0 uses: accepts every call, does nothing."""
+class RunLogger:
+    """What the trainer tells a person, one method per kind of news. Each does nothing
+    here: `SilentLogger` (every rank but 0) is this as it is, `MainLogger` writes."""
 
     def start(self, cfg_dict: Dict[str, Any], info: Dict[str, Any],
               history: Sequence[Dict[str, Any]] = ()) -> None: ...
@@ -43,7 +44,11 @@ class SilentLogger:
     def wall_time(self, parts: Dict[str, float]) -> None: ...
 
 
-class MainLogger(SilentLogger):
+class SilentLogger(RunLogger):
+    """What every rank but 0 uses: accepts every call, does nothing."""
+
+
+class MainLogger(RunLogger):
     """TensorBoard events + training_log.md + console, under out_dir."""
 
     # Without a terminal (a cluster's log file), a progress line this often inside an epoch.
@@ -350,9 +355,9 @@ def _markdown_row(epoch: int, row: Dict[str, Any]) -> str:
             f"{scored} | {row['epoch_seconds']:.1f} | {row['throughput/images_per_s']:.0f} |\n")
 
 
-def make_logger(is_main: bool, out_dir: Path, progress_bar: bool = True, eval_split: str = "test") -> SilentLogger:
+def make_logger(is_main: bool, out_dir: Path, progress_bar: bool = True, eval_split: str = "test") -> RunLogger:
     return MainLogger(out_dir, progress_bar, eval_split) if is_main else SilentLogger()
 
 
-__all__ = ["SilentLogger", "MainLogger", "ProgressLines", "make_logger", "run_hparams", "preview_indices",
+__all__ = ["RunLogger", "SilentLogger", "MainLogger", "ProgressLines", "make_logger", "run_hparams", "preview_indices",
            "augmented_preview"]

@@ -37,7 +37,7 @@ def most_confused(confusion: Sequence[Sequence[int]], classes: Sequence[str], co
     return [{"true": t, "predicted": p, "images": int(n)} for n, t, p in pairs[:count]]
 
 
-def summary(result: EvalResult, classes: Sequence[str]) -> Dict[str, Any]:
+def report_numbers(result: EvalResult, classes: Sequence[str]) -> Dict[str, Any]:
     """The report's numbers, for --json and report.md."""
     return {"confusion_matrix": result.confusion, "per_class": class_metrics(result.confusion, classes),
             "ece": expected_calibration_error(result.calibration),

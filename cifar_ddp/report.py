@@ -224,7 +224,7 @@ def write_report(directory: Path, result: EvalResult, header: Dict[str, Any], cl
     `split` names it ("test" or "val"); `model` takes float RGB in [0, 1]
     (inference.NormalizedModel)."""
     directory.mkdir(parents=True, exist_ok=True)
-    numbers = metrics.summary(result, classes)
+    numbers = metrics.report_numbers(result, classes)
     save(plot_confusion(result.confusion, classes), directory / "confusion.png")
     save(plot_reliability(result.calibration), directory / "reliability.png")
     written = [directory / "confusion.png", directory / "reliability.png"]

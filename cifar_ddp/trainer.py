@@ -20,7 +20,7 @@ from . import resume, rules
 from .assembly import (build_optimization, build_step, build_training_model, eval_split, load_data,
                        seed_everything, step_options, train_batches)
 from .config import Config
-from .data.loaders import epoch_seed, eval_shard
+from .data.loaders import DeviceEvalSplit, epoch_seed, eval_shard
 from .data.mixing import mixing_enabled
 from .data.sources import DatasetArrays
 from .distributed import DistContext
@@ -28,7 +28,7 @@ from .engine import EpochMeter, EvalResult, SyncPlan, TrainState, evaluate, trai
 from .errors import NonFiniteLoss, Preempted, UserError
 from .files import check_writable_folder
 from .inference import probabilities
-from .loggers import SilentLogger, augmented_preview, make_logger, run_hparams
+from .loggers import RunLogger, augmented_preview, make_logger, run_hparams
 from .models import plain_dilated_depthwise
 from .optim import LRSchedule
 from .timing import PhaseClock
@@ -64,13 +64,13 @@ class Trainer:
     resumes if asked; `fit()` runs the epochs. Every method is called on every rank
     (collectives inside); only the logger and checkpoint writes are rank-0 side effects."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None,
+    def __init__(self, cfg: Config, ctx: DistContext, logger: Optional[RunLogger] = None,
                  clock: Optional[PhaseClock] = None) -> None:
         self.clock = clock if clock is not None else PhaseClock()
         with self.clock.phase("build"):
             self._build(cfg, ctx, logger)
 
-    def _build(self, cfg: Config, ctx: DistContext, logger: Optional[SilentLogger]) -> None:
+    def _build(self, cfg: Config, ctx: DistContext, logger: Optional[RunLogger]) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.out_dir = Path(cfg.out_dir)
         resume.refuse_to_overwrite(cfg, ctx)
@@ -94,7 +94,8 @@ class Trainer:
         with self.clock.phase("data"):
             self.data = data = load_data(cfg, ctx)
             self.batches = batches = train_batches(cfg, options, data, ctx)
-            self.test_shard = eval_shard(data.test, ctx.rank, ctx.world_size)
+            # Normalised once, kept on the device: scored every epoch.
+            self.test_shard = DeviceEvalSplit(eval_shard(data.test, ctx.rank, ctx.world_size), data.stats, ctx.device)
         self.optimization = build_optimization(model, options, precision, ctx)
         self.ema = self.optimization.ema
         if ctx.is_main:
@@ -364,7 +365,7 @@ def _warn_of_slow_depthwise(model: nn.Module, ctx: DistContext, precision: str) 
                       + "; build it with cifar_ddp.models.blocks.DepthwiseConv2d (same weights)", stacklevel=3)
 
 
-def run(cfg: Config, ctx: DistContext, logger: Optional[SilentLogger] = None,
+def run(cfg: Config, ctx: DistContext, logger: Optional[RunLogger] = None,
         clock: Optional[PhaseClock] = None) -> Dict[str, Any]:
     """Train as `cfg` says; returns the final metrics (on every rank). Rank 0, which writes
     everything, holds out_dir for the whole run (lock.hold): no other run can write there."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifar_ddp.data.loaders import eval_shard
+from cifar_ddp.data.loaders import DeviceEvalSplit, eval_shard
 from cifar_ddp.data.sources import ChannelStats, ImageSplit
 from cifar_ddp.distributed import DistContext
 from cifar_ddp.engine import evaluate
@@ -104,3 +104,17 @@ def test_plain_and_flip_tta_accuracy_come_from_one_pass_and_equal_two_separate_o
     assert both.confusion == plain.confusion and abs(both.loss - plain.loss) < 1e-6
     assert both.accuracy == plain.accuracy < 1.0 and plain.accuracy_tta is None
     assert both.accuracy_tta == tta.accuracy == 1.0
+
+
+def test_a_split_kept_normalised_on_the_device_scores_exactly_as_the_uint8_one():
+    """The trainer normalises its evaluation shard once (DeviceEvalSplit); every figure is the
+    same as from the uint8 shard normalised batch by batch, TTA and mistakes included."""
+    model, data = lopsided_model(), split(41, seed=2)
+    shard = eval_shard(data, 1, 3)
+    kept = DeviceEvalSplit(shard, STATS, torch.device("cpu"))
+    assert torch.allclose(kept.images.double(), normalized(shard.images), atol=1e-6)
+    for kwargs in ({}, {"with_tta_accuracy": True, "keep_mistakes": 5}):
+        a = run(model, shard, batch_size=4, **kwargs)
+        b = run(model, kept, batch_size=4, **kwargs)
+        assert (a.loss, a.confusion, a.accuracy_tta, a.mistakes, a.calibration) == \
+            (b.loss, b.confusion, b.accuracy_tta, b.mistakes, b.calibration)

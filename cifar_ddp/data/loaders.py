@@ -178,8 +178,27 @@ def eval_shard(split: ImageSplit, rank: int, world_size: int) -> ImageSplit:
     return ImageSplit(split.images[rank::world_size], split.labels[rank::world_size])
 
 
-def eval_batches(shard: ImageSplit, stats: ChannelStats, batch_size: int,
+class DeviceEvalSplit:
+    """An evaluation shard normalised once and kept on the device: a run scores it every
+    epoch, and copying and normalising it again each time is time on the critical path
+    (float32: 61 MB for 5,000 images)."""
+
+    def __init__(self, shard: ImageSplit, stats: ChannelStats, device: torch.device) -> None:
+        self.images = normalize_batch(torch.from_numpy(shard.images).to(device), stats)
+        self.labels = torch.from_numpy(shard.labels).to(device)
+        self.stats, self.device = stats, device
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def eval_batches(shard: ImageSplit | DeviceEvalSplit, stats: ChannelStats, batch_size: int,
                  device: torch.device) -> Iterator[Batch]:
+    """Normalised batches of `shard` on `device` (a DeviceEvalSplit is sliced as it is)."""
+    if isinstance(shard, DeviceEvalSplit):
+        for start in range(0, len(shard), batch_size):
+            yield shard.images[start:start + batch_size], shard.labels[start:start + batch_size]
+        return
     images = torch.from_numpy(shard.images)
     labels = torch.from_numpy(shard.labels)
     for start in range(0, len(labels), batch_size):
@@ -187,4 +206,4 @@ def eval_batches(shard: ImageSplit, stats: ChannelStats, batch_size: int,
         yield x, labels[start:start + batch_size].to(device)
 
 
-__all__ = ["TrainBatches", "AlbumentationsDataset", "eval_shard", "eval_batches"]
+__all__ = ["TrainBatches", "AlbumentationsDataset", "DeviceEvalSplit", "eval_shard", "eval_batches"]
