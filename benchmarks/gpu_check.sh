@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR]            # DATA_DIR: the JPEG CIFAR-10 folders
 #   bash benchmarks/gpu_check.sh DATA_DIR issue30      # only issue 30's candidates (below)
+#   bash benchmarks/gpu_check.sh DATA_DIR issue29      # only issue 29's wall-time measurements
 #
 # On the lent device machine (see ../shared/device/README.md): put the wheels and the data
 # zip in .dev/ (git-ignored), carry .dev, and run this script; benchmarks/gpu_env.sh installs
@@ -23,6 +24,11 @@
 # biases at 64x the LR with frozen gains, BN momentum 0.4); + light mixup/CutMix; and
 # configs/sep_resnet10_mix.yaml (both); CANDIDATES="..." picks others, e.g. muon (lightaug
 # with train.optimizer=muon). $OUT/issue30.tsv gets each run's val accuracy.
+# `issue29` runs issue 29's measurements instead: benchmarks/wall_time.py for fast85_gpu,
+# 3 runs start to exit (the breakdown: start-up, data, set-up, steps, evaluation, ...), as
+# shipped and evaluated at the end only (train.eval_every_epochs=20); one run each with
+# train.cudnn_benchmark=false (no autotuning: the set-up cost against the steady speed);
+# SepResNet's step at 512 and 128, captured, with and without channels_last.
 # Each step's time limit is set so that the whole script stays under 9.5 minutes (the
 # device tool allows 10 per command); the CPU test suite is CI's job, not this script's.
 set -uo pipefail
@@ -72,6 +78,23 @@ for log in sorted(pathlib.Path(sys.argv[1]).glob("i30_*.log")):
     print(f"{log.stem}\t{accuracy:.4f}")
 PY
   cat "$OUT/summary.txt" "$OUT/issue30.tsv"
+  (cd "$OUT" && shopt -s nullglob && python3 -m tarfile -c logs.tgz ./*.log && rm -f ./*.log)
+  exit 0
+fi
+if [ "${2:-}" = issue29 ]; then
+  recipe=(--config configs/fast85_gpu.yaml data.root="$DATA")
+  step i29_wall 150 python3 benchmarks/wall_time.py --runs 3 "${recipe[@]}"
+  step i29_wall_eval_at_end 120 python3 benchmarks/wall_time.py --runs 3 "${recipe[@]}" train.eval_every_epochs=20
+  step i29_wall_no_autotune 60 python3 benchmarks/wall_time.py "${recipe[@]}" train.eval_every_epochs=20 \
+    train.cudnn_benchmark=false
+  for batch in 512 128; do
+    for layout in true false; do
+      step "i29_sep_${batch}_cl_$layout" 50 python3 benchmarks/throughput.py --batch-size $batch --steps 200 \
+        --images 16384 --skip naive --skip compiled --set model.name=sep_resnet --set train.cuda_graph=true \
+        --set train.channels_last=$layout
+    done
+  done
+  cat "$OUT/summary.txt"
   (cd "$OUT" && shopt -s nullglob && python3 -m tarfile -c logs.tgz ./*.log && rm -f ./*.log)
   exit 0
 fi
