@@ -31,11 +31,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 from throughput import measure_cifar_ddp  # noqa: E402
 
+from cifar_ddp.assembly import step_options  # noqa: E402
 from cifar_ddp.config import load_config  # noqa: E402
-from cifar_ddp.step import resolve_precision  # noqa: E402
 from cifar_ddp.errors import UserError, exit_on_user_error  # noqa: E402
 from cifar_ddp.models import build_model  # noqa: E402
-from cifar_ddp.step import resolve_step_options  # noqa: E402
 
 DEFAULT_RECIPES = ["seed=configs/fast85.yaml", "sep_resnet=configs/sep_resnet10.yaml"]
 EPOCH_IMAGES = 50_000
@@ -68,7 +67,7 @@ def recipe_args(args: argparse.Namespace, config: Path, overrides: list, device:
         cfg = load_config(config, [*overrides, *args.set])
         # What the trainer would refuse on this device (a CUDA-graph recipe on a CPU) is
         # refused here too, before any recipe is timed.
-        resolve_step_options(cfg.train, device, resolve_precision(cfg.train.precision, device))
+        step_options(cfg.train, device)
         build_model(cfg)   # a model that cannot be built (a bad name, widths, args) likewise
     except UserError as error:   # ConfigError included
         fail(f"--recipe with {config.name}: {error} (for every recipe: --set KEY=VALUE)")

@@ -96,7 +96,7 @@ def measure_cifar_ddp(args: argparse.Namespace, extra=()) -> float:
     try:
         train, precision = step_options(cfg.train, ctx.device)
         if ctx.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = train.cudnn_benchmark    # as the trainer sets it
         model = build_training_model(cfg, ctx)
         data = load_data(cfg, ctx)
         batches = train_batches(cfg, train, data, ctx)

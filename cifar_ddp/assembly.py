@@ -115,7 +115,7 @@ def build_optimization(model: nn.Module, train: TrainConfig, precision: str, ctx
     """`lr`: the optimizer's initial LR (default: the peak, by linear scaling of train.lr)."""
     global_batch = train.batch_size * ctx.world_size
     peak = peak_lr(train, global_batch)
-    optimizer = build_optimizer(model, train, peak if lr is None else lr)
+    optimizer = build_optimizer(model, train, peak if lr is None else lr, peak=peak)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     # BN running statistics are averaged too, so the EMA model evaluates as is.
     ema = WeightEma(model, train.ema_decay) if train.ema_decay > 0 else None

@@ -190,7 +190,8 @@ class BackgroundSaver:
     One save at a time: the next one waits for the previous one, and a failure is raised
     (as SaveFailed) by the next `submit` or `wait`. The files are as atomic and checksummed
     as ever: a process killed mid-write leaves the previous checkpoint. The thread is not a
-    daemon, so an interpreter that exits still finishes the write first."""
+    daemon, so an interpreter that exits normally still finishes the write; trainer.run
+    waits for it whatever ended the run (before a launcher's os._exit)."""
 
     def __init__(self) -> None:
         self._thread: Optional[threading.Thread] = None

@@ -184,7 +184,8 @@ class TrainConfig:
     stop_after_steps: int = 0
     keep_checkpoints: int = 2
     # TensorBoard pictures (confusion matrix, most confident mistakes, per-class PR curves)
-    # after the last epoch, and also every this many epochs (0 = the last only).
+    # after the last epoch, and also every this many epochs (0 = the last only) - of the
+    # epochs that are scored (see eval_every_epochs).
     figures_every_epochs: int = 0
     # Evaluate every this many epochs, and always after the last one (speed recipes: a
     # large number, so only the end is evaluated; best.pt is then the last evaluated).

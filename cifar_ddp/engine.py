@@ -159,8 +159,11 @@ class EvalResult:
     calibration: List[List[float]] = field(default_factory=list)
     # The most confident mistakes: (confidence, index in the split, true class, predicted class).
     mistakes: List[Tuple[float, int, int, int]] = field(default_factory=list)
-    # With `with_tta_accuracy`: the flip-TTA accuracy, scored in the same forward passes.
+    # With `with_tta_accuracy`: the flip-TTA accuracy, correct count and loss, scored in the
+    # same forward passes as the plain figures.
     accuracy_tta: Optional[float] = None
+    correct_tta: Optional[int] = None
+    loss_tta: Optional[float] = None
 
 
 CALIBRATION_BINS = 15
@@ -191,6 +194,7 @@ def evaluate(model: nn.Module, shard: ImageSplit | DeviceEvalSplit, stats: Chann
     seen = 0
     flip = tta_flip or with_tta_accuracy
     tta_correct = torch.zeros((), device=device, dtype=torch.int64)
+    tta_loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     for images, labels in eval_batches(shard, stats, batch_size, device):
         images = images.contiguous(memory_format=memory_format)
         with autocast(device, precision):
@@ -199,6 +203,7 @@ def evaluate(model: nn.Module, shard: ImageSplit | DeviceEvalSplit, stats: Chann
                 plain, averaged = both[:len(labels)], (both[:len(labels)] + both[len(labels):]) / 2
                 logits = averaged if tta_flip else plain
                 tta_correct += (averaged.argmax(1) == labels).sum()
+                tta_loss_sum += F.cross_entropy(averaged, labels, reduction="sum").double()
             else:
                 logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
@@ -214,7 +219,8 @@ def evaluate(model: nn.Module, shard: ImageSplit | DeviceEvalSplit, stats: Chann
             found.append(torch.stack([confidence[wrong].double(), local.double(), labels[wrong].double(),
                                       predicted[wrong].double()], 1).cpu())
         seen += len(labels)
-    packed = ctx.sum(torch.cat([loss_sum.view(1), confusion.double(), bins.flatten(), tta_correct.double().view(1)]))
+    packed = ctx.sum(torch.cat([loss_sum.view(1), confusion.double(), bins.flatten(), tta_correct.double().view(1),
+                                tta_loss_sum.view(1)]))
     loss_total = float(packed[0])
     matrix = packed[1:1 + num_classes ** 2].long().view(num_classes, num_classes)
     per_class_correct = matrix.diagonal().tolist()
@@ -234,7 +240,9 @@ def evaluate(model: nn.Module, shard: ImageSplit | DeviceEvalSplit, stats: Chann
         total=n,
         per_class_accuracy=[c / t if t else 0.0 for c, t in zip(per_class_correct, per_class_total)],
         confusion=matrix.tolist(),
-        calibration=packed[1 + num_classes ** 2:-1].view(3, CALIBRATION_BINS).t().tolist(),
+        calibration=packed[1 + num_classes ** 2:-2].view(3, CALIBRATION_BINS).t().tolist(),
         mistakes=mistakes,
-        accuracy_tta=float(packed[-1]) / max(n, 1) if with_tta_accuracy else None,
+        accuracy_tta=float(packed[-2]) / max(n, 1) if with_tta_accuracy else None,
+        correct_tta=int(packed[-2]) if with_tta_accuracy else None,
+        loss_tta=float(packed[-1]) / max(n, 1) if with_tta_accuracy else None,
     )

@@ -48,12 +48,12 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
     precision = resolve_precision(cfg.train.precision, ctx.device)
     split = eval_split(cfg)
     shard = eval_shard(data.test, ctx.rank, ctx.world_size)
+    # TTA is an addition, never a replacement: the plain figure stays comparable with the
+    # training log's, and the report's per-class numbers and mistakes are the plain ones.
+    # Both come from the same forward passes (each image and its mirror in one batch).
     result = evaluate(model, shard, stats, ctx, precision, cfg.model.num_classes,
-                      channels_last=cfg.train.channels_last, keep_mistakes=gallery if report_dir else 0)
-    # TTA is an addition, never a replacement: the plain figure stays comparable with
-    # the training log's, and the report's per-class numbers and mistakes are the plain ones.
-    tta = evaluate(model, shard, stats, ctx, precision, cfg.model.num_classes, tta_flip=True,
-                   channels_last=cfg.train.channels_last) if tta_flip else None
+                      channels_last=cfg.train.channels_last, keep_mistakes=gallery if report_dir else 0,
+                      with_tta_accuracy=tta_flip)
     numbers = metrics.report_numbers(result, data.classes)
     paths = data.test.paths
     if report_dir is not None and ctx.is_main:
@@ -61,7 +61,7 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
         header = {"checkpoint": source, "epoch": payload["train_state"]["epoch"],
                   "weights": "EMA" if uses_ema else "raw", f"{split} images": result.total,
                   "accuracy": f"{result.accuracy:.2%}",
-                  **({"accuracy with flip TTA": f"{tta.accuracy:.2%}"} if tta else {}),
+                  **({"accuracy with flip TTA": f"{result.accuracy_tta:.2%}"} if tta_flip else {}),
                   "loss": f"{result.loss:.4f}", "Grad-CAM layer": cam_layer}
         report.write_report(report_dir, result, header, data.classes, data.test.images, viewer.float(), layer,
                             ctx.device, correct_indices=_first_correct(viewer, data.test, ctx.device),
@@ -70,7 +70,8 @@ def evaluate_checkpoint(payload: Dict[str, Any], cfg: Config, ctx: DistContext,
         "split": split,
         "images": result.total,
         "accuracy": result.accuracy,
-        **({"accuracy_tta": tta.accuracy, "correct_tta": tta.correct, "loss_tta": tta.loss} if tta else {}),
+        **({"accuracy_tta": result.accuracy_tta, "correct_tta": result.correct_tta, "loss_tta": result.loss_tta}
+           if tta_flip else {}),
         "loss": result.loss,
         "correct": result.correct,
         "per_class_accuracy": dict(zip(data.classes, result.per_class_accuracy)),

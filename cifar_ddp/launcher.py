@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from .config import Config, config_from_dict, load_config
 from .distributed import DistContext, init_distributed, shutdown
-from .errors import (EXIT_RESUMABLE, EXIT_USER_ERROR, Preempted, UserError, exit_on_user_error, one_line_warnings,
-                     reader_left, report_user_error)
+from .errors import (EXIT_RESUMABLE, EXIT_USER_ERROR, Preempted, UserError, one_line_warnings, reader_left,
+                     report_user_error)
 
 PEER_FAILURE_GRACE_S = 3.0
 _FILESYSTEM_FULL_OR_CLOSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
@@ -195,5 +195,3 @@ def _plot_path(path: Path) -> Path:
     return path
 
 
-# The single-process tools (export, predict) use errors.exit_on_user_error; the name stays.
-run_command = exit_on_user_error

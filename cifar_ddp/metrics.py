@@ -44,4 +44,4 @@ def report_numbers(result: EvalResult, classes: Sequence[str]) -> Dict[str, Any]
             "most_confused": most_confused(result.confusion, classes)}
 
 
-__all__ = ["class_metrics", "expected_calibration_error", "most_confused", "summary"]
+__all__ = ["class_metrics", "expected_calibration_error", "most_confused", "report_numbers"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -51,13 +51,16 @@ class LRSchedule:
         return lr_at(global_step / max(self.total_steps, 1), self.cfg, self.peak)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float,
+                    peak: Optional[float] = None) -> torch.optim.Optimizer:
     """SGD or AdamW over the model's trainable parameters, in up to three groups: decayed
     weights; BN gains and other biases, not decayed (shrinking them fights normalization
     instead of regularizing the weights); BN biases at lr x train.bn_bias_lr_mult, not
     decayed (a group of their own only when the multiplier is not 1). With
     train.bn_freeze_weight the BN gains are frozen here (requires_grad off: no gradient,
-    no update, and DDP leaves them out), as airbench keeps them at 1."""
+    no update, and DDP leaves them out), as airbench keeps them at 1. `peak`: the
+    schedule's peak LR (default `lr`): Muon follows the same schedule and reaches
+    train.muon_lr there (lr_find starts far below the peak)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
     if cfg.bn_freeze_weight:
         for norm in norms:
@@ -87,7 +90,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     if cfg.optimizer == "muon":
-        return MuonWithSGD(model, groups, cfg, lr)
+        return MuonWithSGD(model, groups, cfg, lr, lr if peak is None else peak)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
 
 
@@ -118,7 +121,7 @@ class MuonWithSGD:
     `param_groups` are SGD's groups and one Muon group over the 4-D weights (for the LR
     tensors and the GradScaler); Muon's own groups hold the 2-D views."""
 
-    def __init__(self, model: nn.Module, groups: List[dict], cfg: TrainConfig, lr: float) -> None:
+    def __init__(self, model: nn.Module, groups: List[dict], cfg: TrainConfig, lr: float, peak: float) -> None:
         weights = muon_weights(model)
         chosen = {id(w) for w in weights}
         groups = [{**g, "params": [p for p in g["params"] if id(p) not in chosen]} for g in groups]
@@ -132,7 +135,7 @@ class MuonWithSGD:
         for m in self.matrices:   # allocated now, not inside a captured step
             self.muon.state[m]["momentum_buffer"] = torch.zeros_like(m)
         # TrainStep points "lr" at a device tensor filled with its LR x lr_mult.
-        self.muon_group = {"params": weights, "lr": cfg.muon_lr, "lr_mult": cfg.muon_lr / lr}
+        self.muon_group = {"params": weights, "lr": cfg.muon_lr * lr / peak, "lr_mult": cfg.muon_lr / peak}
         self.found_inf = None
 
     @property

@@ -3,6 +3,7 @@ train_one_epoch and evaluate, with checkpoints and logs along the way."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -22,7 +23,6 @@ from .assembly import (build_optimization, build_step, build_training_model, eva
 from .config import Config
 from .data.loaders import DeviceEvalSplit, epoch_seed, eval_shard
 from .data.mixing import mixing_enabled
-from .data.sources import DatasetArrays
 from .distributed import DistContext
 from .engine import EpochMeter, EvalResult, SyncPlan, TrainState, evaluate, train_one_epoch
 from .errors import NonFiniteLoss, Preempted, UserError
@@ -94,7 +94,7 @@ class Trainer:
         with self.clock.phase("data"):
             self.data = data = load_data(cfg, ctx)
             self.batches = batches = train_batches(cfg, options, data, ctx)
-            # Normalised once, kept on the device: scored every epoch.
+            # Normalised once and kept on the device: it is scored again and again.
             self.test_shard = DeviceEvalSplit(eval_shard(data.test, ctx.rank, ctx.world_size), data.stats, ctx.device)
         self.optimization = build_optimization(model, options, precision, ctx)
         self.ema = self.optimization.ema
@@ -244,8 +244,10 @@ class Trainer:
                                           on_sync=self._on_sync)
             self.clock.move("training steps", "set-up", metrics.setup_seconds)
         except NonFiniteLoss as exc:
+            # Every rank raises it at the same step (the verdict comes from all-reduced
+            # gradients), so all can learn from rank 0 which checkpoint is the last good one.
             self._finish_writes()
-            good = self.saver.last_written or self.resume_path
+            good = self.ctx.gather_objects(str(self.saver.last_written or self.resume_path or ""))[0]
             where = (f"last good checkpoint: {good} (continue from it with train.resume=auto)" if good else
                      "no checkpoint was written before it (start again with the change)")
             raise NonFiniteLoss(f"{exc}; {where}") from None
@@ -262,6 +264,11 @@ class Trainer:
 
     def _evaluate(self, metrics) -> Dict[str, Any]:
         t, ctx, state = self.options, self.ctx, self.state
+        # BN running statistics averaged over ranks at every epoch's end, scored or not:
+        # every rank then holds the same model, and so does each checkpoint.
+        ctx.average_buffers(self.model)
+        if self.ema is not None:
+            ctx.average_buffers(self.ema)
         row = {
             "global_step": state.global_step,
             "lr": self.schedule(state.global_step - 1),
@@ -282,9 +289,6 @@ class Trainer:
     def _score(self) -> Dict[str, float]:
         """The evaluation split's loss and accuracy (and flip-TTA's, from the same passes)."""
         t, ctx, state = self.options, self.ctx, self.state
-        ctx.average_buffers(self.model)
-        if self.ema is not None:
-            ctx.average_buffers(self.ema)
         eval_model = self.ema.module if self.ema is not None else self.model
         # The last epoch, and every figures_every_epochs, also draws pictures (TensorBoard).
         draw = state.epoch == t.epochs or (t.figures_every_epochs and state.epoch % t.figures_every_epochs == 0)
@@ -373,9 +377,16 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[RunLogger] = None,
     if ctx.is_main:  # find out now, not after loading the data
         check_writable_folder(Path(cfg.out_dir), "out_dir")
         held = out_dir_lock.hold(Path(cfg.out_dir))
+    trainer = None
     try:
-        return Trainer(cfg, ctx, logger, clock).fit()
+        trainer = Trainer(cfg, ctx, logger, clock)
+        return trainer.fit()
     finally:
+        if trainer is not None and ctx.is_main:
+            # Whatever ended the run, the checkpoint being written is finished before the
+            # folder is let go (a failed write was reported already, or is moot now).
+            with contextlib.suppress(Exception):
+                trainer.saver.wait()
         if held is not None:
             held.release()
 

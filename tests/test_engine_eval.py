@@ -103,7 +103,8 @@ def test_plain_and_flip_tta_accuracy_come_from_one_pass_and_equal_two_separate_o
     tta = run(model, shard, batch_size=4, tta_flip=True)
     assert both.confusion == plain.confusion and abs(both.loss - plain.loss) < 1e-6
     assert both.accuracy == plain.accuracy < 1.0 and plain.accuracy_tta is None
-    assert both.accuracy_tta == tta.accuracy == 1.0
+    assert both.accuracy_tta == tta.accuracy == 1.0 and both.correct_tta == tta.correct == len(shard.labels)
+    assert abs(both.loss_tta - tta.loss) < 1e-6 and abs(both.loss_tta - both.loss) > 1e-3
 
 
 def test_a_split_kept_normalised_on_the_device_scores_exactly_as_the_uint8_one():

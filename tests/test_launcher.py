@@ -10,7 +10,7 @@ import pytest
 from cifar_ddp import launcher
 from cifar_ddp.config import load_config
 from cifar_ddp.errors import UserError
-from cifar_ddp.errors import Preempted
+from cifar_ddp.errors import Preempted, exit_on_user_error
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +66,6 @@ def test_any_other_failure_of_a_single_process_is_raised():
 def test_single_process_tools_turn_a_user_error_into_status_2(capsys):
     def work():
         raise UserError("no such model")
-    assert launcher.run_command(work) == 2
+    assert exit_on_user_error(work) == 2
     assert capsys.readouterr().err == "error: no such model\n"
-    assert launcher.run_command(lambda: 0) == 0
+    assert exit_on_user_error(lambda: 0) == 0

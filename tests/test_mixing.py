@@ -179,9 +179,14 @@ def test_mixing_off_leaves_batches_exactly_as_before():
         assert y.dtype == torch.int64 and y.ndim == 1
         assert torch.equal(y, torch.from_numpy(data.labels)[order[16 * b:16 * b + 16]])
         assert torch.equal(x, nx) and torch.equal(ny, F.one_hot(y, CLASSES).float())
+    # Plain epochs under a mixing config: never mixed, but one-hot targets (the shape a
+    # captured step was captured with), the same as the hard labels of a config without mixing.
     plain = TrainBatches(data, AugmentConfig(mixup_alpha=1.0), STATS, 16, 0, 1, 7, CPU, num_classes=CLASSES)
-    plain.set_epoch(1, augment=False)
-    assert all(y.ndim == 1 for _, y in plain.iterate())
+    unmixed = TrainBatches(data, AugmentConfig(), STATS, 16, 0, 1, 7, CPU)
+    for batches in (plain, unmixed):
+        batches.set_epoch(1, augment=False)
+    for (x, y), (ux, uy) in zip(plain.iterate(), unmixed.iterate()):
+        assert y.shape == (16, CLASSES) and torch.equal(y, F.one_hot(uy, CLASSES).float()) and torch.equal(x, ux)
 
 
 def test_soft_target_loss_with_smoothing_and_dominant_accuracy_by_hand():

@@ -322,3 +322,18 @@ def test_muon_under_a_grad_scaler_steps_as_without_one():
             step(*batch())
     for p, q in zip(model.parameters(), scaled_model.parameters()):
         assert torch.equal(p.detach(), q.detach())
+
+
+def test_muon_reaches_its_lr_at_the_schedules_peak_whatever_lr_the_optimizer_starts_at():
+    """lr_find builds the optimizer at the sweep's first LR (1e-5), the trainer at the peak:
+    either way Muon's LR is train.muon_lr when the step's LR is the peak, and follows it."""
+    from cifar_ddp.assembly import build_optimization
+    from cifar_ddp.distributed import DistContext
+
+    cfg = TrainConfig(optimizer="muon", muon_lr=0.05, lr=0.4, batch_size=64)   # peak 0.4 * 64 / 256 = 0.1
+    for start in (None, 1e-5):
+        optimization = build_optimization(tiny_model(), cfg, "fp32", DistContext(), lr=start)
+        assert optimization.peak_lr == pytest.approx(0.1)
+        group = optimization.optimizer.muon_group
+        assert group["lr_mult"] * optimization.peak_lr == pytest.approx(0.05)
+        assert group["lr_mult"] * 1e-5 == pytest.approx(0.05 * 1e-4)        # at the sweep's first LR

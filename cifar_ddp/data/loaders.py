@@ -19,6 +19,7 @@ from typing import Iterator, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import AugmentConfig
@@ -115,8 +116,12 @@ class TrainBatches:
             else:
                 out[part] = self.batch_augment.apply(uint8, {k: v[part] for k, v in params.items()})
         labels = self.labels[indices]
-        if self.batch_mix is None or not self.augment_enabled:
+        if self.batch_mix is None:
             return out, labels
+        if not self.augment_enabled:
+            # The plain last epochs are not mixed, but their targets keep the mixed epochs'
+            # shape (one-hot): a captured step copies them into its (B, classes) buffer.
+            return out, F.one_hot(labels, self.batch_mix.num_classes).float()
         return self._mix(out, labels)
 
     def _mix(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
@@ -186,7 +191,7 @@ class DeviceEvalSplit:
     def __init__(self, shard: ImageSplit, stats: ChannelStats, device: torch.device) -> None:
         self.images = normalize_batch(torch.from_numpy(shard.images).to(device), stats)
         self.labels = torch.from_numpy(shard.labels).to(device)
-        self.stats, self.device = stats, device
+        self.stats = stats
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -194,8 +199,10 @@ class DeviceEvalSplit:
 
 def eval_batches(shard: ImageSplit | DeviceEvalSplit, stats: ChannelStats, batch_size: int,
                  device: torch.device) -> Iterator[Batch]:
-    """Normalised batches of `shard` on `device` (a DeviceEvalSplit is sliced as it is)."""
+    """Normalised batches of `shard` on `device` (a DeviceEvalSplit, normalised already with
+    the same `stats`, is sliced as it is)."""
     if isinstance(shard, DeviceEvalSplit):
+        assert shard.stats == stats, "a DeviceEvalSplit scored with other statistics than its own"
         for start in range(0, len(shard), batch_size):
             yield shard.images[start:start + batch_size], shard.labels[start:start + batch_size]
         return
