@@ -36,7 +36,16 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
     try:
         cfg, loaded = prepare()
         ctx = init_distributed(cfg.device)
+        if ctx.is_distributed and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            # torchrun stops the other ranks with SIGTERM as soon as one exits with an error;
+            # a rank still setting up (the trainer takes signals over once it trains) would
+            # die without a word: it says why instead.
+            signal.signal(signal.SIGTERM, _stopped_by_signal)
         work(cfg, loaded, ctx)
+    except _StoppedBySignal:
+        print(f"error: {_who(ctx)}stopped because another process of the job stopped, or the job was cancelled "
+              "(SIGTERM before training began)", file=sys.stderr, flush=True)
+        code = 1
     except Preempted:
         code = EXIT_RESUMABLE      # every rank stops at the same step: they leave together
         # The checkpoint is written. torchrun stops the other ranks (SIGTERM) as soon as the
@@ -69,6 +78,8 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
         else:
             traceback.print_exc()
             code = 1
+    if signal.getsignal(signal.SIGTERM) is _stopped_by_signal:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # leaving: the default again
     if code in (0, EXIT_RESUMABLE) or ctx is None or not ctx.is_distributed:
         if ctx is not None:
             shutdown(ctx)
@@ -80,6 +91,14 @@ def _launch(prepare: Callable[[], Tuple[Config, object]], work: Callable[[Config
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class _StoppedBySignal(Exception):
+    """SIGTERM reached a rank of a multi-process job before the trainer took signals over."""
+
+
+def _stopped_by_signal(signum: int, frame: object) -> None:
+    raise _StoppedBySignal()
 
 
 def _peer_failed(exc: Exception) -> bool:

@@ -106,8 +106,9 @@ class TrainStep:
                  device: torch.device, first_step: int, ema: Optional[WeightEma] = None,
                  scaler: Optional[torch.amp.GradScaler] = None, bare_model: Optional[nn.Module] = None,
                  stream: Optional["torch.cuda.Stream"] = None) -> None:
-        if cfg.cuda_graph == "auto":
-            cfg = resolve_step_options(cfg, device, precision)
+        # Its own guard too (a step can be built directly): settles "auto", refuses what
+        # cannot run here; assembly.step_options has done the same before the data loaded.
+        cfg = resolve_step_options(cfg, device, precision)
         self.model = torch.compile(model, dynamic=False) if cfg.compile else model
         self.bare_model = bare_model if bare_model is not None else model
         self.optimizer, self.ema, self.scaler = optimizer, ema, scaler
