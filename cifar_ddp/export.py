@@ -60,6 +60,15 @@ def export(model: torch.nn.Module, classes: List[str], fmt: str, out: Path) -> N
             torch.jit.save(traced, str(out), _extra_files={"classes.json": json.dumps(classes)})
 
 
+def _existing_parent(out: Path) -> Path:
+    """The folder `out` goes in, refused unless it exists and is a folder."""
+    parent = out.absolute().parent
+    if parent.is_file() or not parent.exists():
+        what = "is a file, not a folder" if parent.is_file() else "does not exist"
+        raise UserError(f"the folder of --out '{out}', '{parent}', {what}; create it or pick another --out")
+    return parent
+
+
 def check_destination(out: Path, fmt: str, checkpoint: Path, force: bool) -> None:
     """Refuse, before any work, a destination that would lose a file or cannot be written:
     the wrong suffix (a checkpoint's .pt included), a folder, a missing or unwritable
@@ -71,10 +80,7 @@ def check_destination(out: Path, fmt: str, checkpoint: Path, force: bool) -> Non
     if out.suffix != suffix:
         raise UserError(f"--out '{out}' does not end in {suffix}, the suffix of a --format {fmt} file (predict.py "
                         f"goes by it); name it {out.with_suffix(suffix).name}")
-    parent = out.absolute().parent
-    if parent.is_file() or not parent.exists():
-        what = "is a file, not a folder" if parent.is_file() else "does not exist"
-        raise UserError(f"the folder of --out '{out}', '{parent}', {what}; create it or pick another --out")
+    parent = _existing_parent(out)
     check_writable_folder(parent, "--out folder")
     if out.exists() and Path(checkpoint).exists() and out.samefile(checkpoint):
         raise UserError(f"--out '{out}' is the checkpoint being exported; pick another --out")
@@ -96,10 +102,7 @@ def check_safetensors_destination(out: Path, force: bool) -> None:
     if out.is_file():
         raise UserError(f"--out '{out}' is a file; a safetensors export is a folder ({SAFETENSORS_WEIGHTS} and "
                         f"{SAFETENSORS_CONFIG}): name a folder, e.g. --out {out.with_suffix('')}")
-    parent = out.absolute().parent
-    if parent.is_file() or not parent.exists():
-        what = "is a file, not a folder" if parent.is_file() else "does not exist"
-        raise UserError(f"the folder of --out '{out}', '{parent}', {what}; create it or pick another --out")
+    parent = _existing_parent(out)
     check_writable_folder(out if out.is_dir() else parent, "--out folder")
     present = [name for name in (SAFETENSORS_WEIGHTS, SAFETENSORS_CONFIG) if (out / name).exists()]
     if present and not force:
