@@ -208,3 +208,13 @@ def test_channel_std_is_over_all_pixels_not_a_mean_of_per_image_stds(tmp_path: P
     assert data.stats.mean == pytest.approx(tuple(expected.mean(0)), rel=1e-9)
     assert data.stats.std == pytest.approx(tuple(expected.std(0)), rel=1e-9)
     assert min(data.stats.std) > 0.1
+
+
+def test_channel_stats_equal_a_float64_computation_on_random_images():
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)
+    images[:5, :, :, 1] = 255          # a skewed channel
+    reference = images.reshape(-1, 3).astype(np.float64) / 255.0
+    stats = channel_stats(images)
+    assert stats.mean == pytest.approx(tuple(reference.mean(0)), rel=1e-12)
+    assert stats.std == pytest.approx(tuple(reference.std(0)), rel=1e-12)

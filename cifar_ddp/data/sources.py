@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -58,11 +59,19 @@ class DatasetArrays:
 
 
 def channel_stats(images: np.ndarray) -> ChannelStats:
-    """Per-channel mean and std over all pixels of a uint8 NHWC array."""
-    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    mean = pixels.mean(axis=0)
-    std = pixels.std(axis=0)
-    return ChannelStats(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    """Per-channel mean and std over all pixels of a uint8 NHWC array, from each channel's
+    histogram of the 256 values: the sums are exact integers (no float64 copy of the
+    images, 1.2 GB and 10 s for CIFAR-10's training set), and so is the variance until its
+    one final division."""
+    pixels = images.reshape(-1, images.shape[-1])
+    values = np.arange(256, dtype=np.int64)
+    means, stds = [], []
+    for channel in range(pixels.shape[1]):
+        counts = np.bincount(pixels[:, channel], minlength=256).astype(np.int64)
+        n, s1, s2 = int(counts.sum()), int(counts @ values), int(counts @ (values * values))
+        means.append(s1 / (255.0 * n))
+        stds.append(math.sqrt((s2 * n - s1 * s1) / (255.0 * 255.0 * n * n)))
+    return ChannelStats(tuple(means), tuple(stds))
 
 
 # --------------------------------------------------------------------- cifar10
