@@ -51,15 +51,21 @@ def main() -> int:
     parser.add_argument("--config", default="fast85", help="a packaged config's name or a YAML file "
                                                            "(default %(default)s)")
     parser.add_argument("--runs", type=int, default=1, help="runs; the table shows medians (default %(default)s)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep each run's out_dir under DIR (run0, run1, ...) instead of a scratch folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args()
     if args.runs < 1:
         print("error: --runs must be at least 1", file=sys.stderr)
         return 2
     runs = []
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        print(f"error: --keep {args.keep} is not empty; name a new folder", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="wall_time.") as scratch:
+        runs_dir = args.keep if args.keep is not None else Path(scratch)
         for i in range(args.runs):
-            runs.append(one_run(args.config, args.overrides, Path(scratch) / f"run{i}"))
+            runs.append(one_run(args.config, args.overrides, runs_dir / f"run{i}"))
             print(f"run {i + 1}/{args.runs}: {runs[-1]['start to exit']:.2f} s start to exit, "
                   f"accuracy {runs[-1]['accuracy']:.4f}", flush=True)
     median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
