@@ -194,6 +194,10 @@ class TrainConfig:
     # the run's shapes (seconds of set-up), then run the fastest. False: cuDNN's
     # heuristic pick, no tuning (benchmarks/gpu_check.sh measures both).
     cudnn_benchmark: bool = True
+    # With cudnn_benchmark: how many algorithms cuDNN tries per convolution (PyTorch's
+    # torch.backends.cudnn.benchmark_limit; 0 = all of them). Fewer: a shorter first step,
+    # perhaps a slower kernel kept (benchmarks/gpu_check.sh issue29 measures 1, 10 and 0).
+    cudnn_benchmark_limit: int = 10
     # What a NaN/Inf loss does: stop the run, or skip the step and carry on.
     # Either way the bad update is never applied (it is masked on the device); the
     # decision is read at the next sync step (see log_every_steps).
@@ -486,6 +490,8 @@ def validate(cfg: Config) -> None:
     _require(t.stop_after_steps >= 0, "train.stop_after_steps must be >= 0 (0 = run to the end)")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
     _require(t.figures_every_epochs >= 0, "train.figures_every_epochs must be >= 0 (0: after the last epoch only)")
+    _require(t.cudnn_benchmark_limit >= 0, "train.cudnn_benchmark_limit must be >= 0 (0 tries every "
+             "algorithm; PyTorch's default is 10)")
     _require(t.eval_every_epochs >= 1, "train.eval_every_epochs must be at least 1 (1: after every epoch; the last "
                                        "epoch is always evaluated)")
     _require(t.log_every_steps >= 1, "train.log_every_steps must be at least 1")

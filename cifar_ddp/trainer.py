@@ -84,6 +84,7 @@ class Trainer:
         if ctx.device.type == "cuda":
             # Fixed input shapes: cuDNN can try every kernel once and keep the fastest.
             torch.backends.cudnn.benchmark = options.cudnn_benchmark
+            torch.backends.cudnn.benchmark_limit = options.cudnn_benchmark_limit
         # The network first, with its design rules checked: a mistake in either stops in
         # seconds, before the data loads. (Loading draws nothing from torch's generator, so
         # the initial weights are the same as when the model was built after the data.)

@@ -72,3 +72,13 @@ def test_eval_every_epochs_must_be_at_least_one(tmp_path):
 
     with pytest.raises(ConfigError, match="train.eval_every_epochs must be at least 1"):
         load_config(None, ["train.eval_every_epochs=0"])
+
+
+def test_cudnn_benchmark_limit_takes_zero_and_refuses_a_negative_count():
+    from cifar_ddp.config import load_config
+    from cifar_ddp.errors import ConfigError
+
+    assert load_config(None, ["train.cudnn_benchmark_limit=0"]).train.cudnn_benchmark_limit == 0
+    assert load_config(None, []).train.cudnn_benchmark_limit == 10   # PyTorch's own default
+    with pytest.raises(ConfigError, match="train.cudnn_benchmark_limit must be >= 0"):
+        load_config(None, ["train.cudnn_benchmark_limit=-1"])
