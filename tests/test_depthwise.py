@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from cifar_ddp import checkpoint as ckpt
 from cifar_ddp.config import ModelConfig, TrainConfig, load_config
 from cifar_ddp.errors import ConfigError
 from cifar_ddp.models import build_model
@@ -98,12 +99,27 @@ def test_the_setting_reaches_every_depthwise_conv_and_keeps_the_state_dict():
     model.load_state_dict(state["native"])   # strict: nothing missing, nothing extra
 
 
-def test_a_checkpoint_config_without_the_key_builds_auto():
-    """Checkpoints written before the key existed store no model.dilated_depthwise: auto."""
-    config = load_config(REPO / "configs" / "sep_resnet10.yaml").to_dict()
-    del config["model"]["dilated_depthwise"]
-    model = build_model(config)
+def test_a_checkpoint_written_before_the_setting_loads_under_each_and_scores_the_same():
+    """tests/data/main_f4f7ebd's SepResNet checkpoint (main before this key existed): its
+    stored config builds auto, its weights load strictly under every setting (nothing added
+    to the state_dict), and all three give the same logits (float64)."""
+    old = ckpt.load_file(REPO / "tests" / "data" / "main_f4f7ebd" / "sep_resnet_epoch2.pt")
+    assert "dilated_depthwise" not in old["config"]["model"]
+    model = build_model(old["config"])
     assert {m.dilated_depthwise for m in model.modules() if isinstance(m, DepthwiseConv2d)} == {"auto"}
+    model.load_state_dict(old["model"])
+    model = model.double().eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits = {}
+    for choice in ("auto", *CHOICES):
+        fresh = build_model({**old["config"], "model": {**old["config"]["model"], "dilated_depthwise": choice}})
+        fresh.load_state_dict(old["model"])   # strict
+        with torch.no_grad():
+            logits[choice] = fresh.double().eval()(x)
+    for choice in CHOICES:
+        torch.testing.assert_close(logits[choice], logits["auto"], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), logits["auto"], rtol=0, atol=0)
 
 
 def test_a_bad_choice_is_one_config_error_line_naming_the_choices():
