@@ -95,7 +95,7 @@ def spread_taps(weight: torch.Tensor, dilation: Tuple[int, int]) -> torch.Tensor
 # backward for a dilated depthwise conv is 4-20x slower than for an undilated one: a
 # 48-channel 32x32 layer at batch 128, 266 ms against 56 ms forward + backward, in
 # channels_last or not; that one layer was half of SepResNet's CPU step). Every other device
-# runs native until a measurement there says otherwise (benchmarks/gpu_check.sh DATA
+# runs native until a measurement there says otherwise (benchmarks/gpu_check.sh none
 # issue29_sep times both on a GPU): then only this table changes.
 DILATED_DEPTHWISE_CHOICES = ("auto", "native", "spread")
 AUTO_DILATED_DEPTHWISE = {"cpu": "spread"}
