@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR]            # DATA_DIR: the JPEG CIFAR-10 folders
 #   bash benchmarks/gpu_check.sh DATA_DIR issue30      # only issue 30's candidates (below)
-#   bash benchmarks/gpu_check.sh DATA_DIR issue29      # only issue 29's wall-time measurements
+#   bash benchmarks/gpu_check.sh DATA_DIR issue29      # only issue 29's measurements (below)
+#   bash benchmarks/gpu_check.sh none issue29_sep      # only issue 29's SepResNet grid (fake data)
 #
 # On the lent device machine (see ../shared/device/README.md): put the wheels and the data
 # zip in .dev/ (git-ignored), carry .dev, and run this script; benchmarks/gpu_env.sh installs
@@ -28,17 +29,35 @@
 # 3 runs start to exit (the breakdown: start-up, data, set-up, steps, evaluation, ...), as
 # shipped and evaluated at the end only (train.eval_every_epochs=20); one run each with
 # train.cudnn_benchmark=false (no autotuning: the set-up cost against the steady speed);
-# SepResNet's step at 512 and 128, captured, with and without channels_last.
+# then the SepResNet grid that `issue29_sep` runs alone (issue 29 item 5): its captured
+# training step at batch 512 and 128 for model.dilated_depthwise {native, spread} x
+# train.channels_last {true, false}, eager + captured and then compiled + captured, with
+# the seed net (fast85_gpu) timed first in each of those 4 runs (benchmarks/model_speed.py,
+# fake data on the GPU, one round, 98,304 timed images per case: 192 steps at 512, 768 at
+# 128): a line per case with its images/s and ratio_vs_seed; then tests/test_gpu.py's
+# SepResNet tests (captured = eager, no host sync, for both paths). The grid is bounded by
+# 45 s per captured run, 75 s per compiled one and 30 s for the tests: 4.5 minutes at most;
+# a run cut off by its limit keeps the cases it measured (each printed as measured).
+#   On a CPU, a dry run of the grid (the captured step is GPU-only):
+#   SEP_BATCHES=16 SEP_COMPILE=false SEP_LIMIT=300 SEP_SPEED_ARGS="--set train.cuda_graph=false \
+#     --timed-images 32 --warmup-images 16 --images 64" OUT=/tmp/gc bash benchmarks/gpu_check.sh none issue29_sep
+#   (SEP_COMPILE: which of false/true to run; SEP_LIMIT: seconds per grid run instead of 45 / 75.)
 # Each step's time limit is set so that the whole script stays under 9.5 minutes (the
-# device tool allows 10 per command); the CPU test suite is CI's job, not this script's.
+# device tool allows 10 per command), and no step runs past DEADLINE (a `date +%s` value,
+# default 560 s from the start: a step gets what is left, none under 10 s); the CPU test
+# suite is CI's job, not this script's.
 set -uo pipefail
 export OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 DATA=${1:-/tmp/cifar10-jpeg}
+DEADLINE=${DEADLINE:-$(( $(date +%s) + 560 ))}
 source benchmarks/gpu_env.sh
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record status and seconds
   local name=$1 limit=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) ))
+  if [ "$left" -lt 10 ]; then echo "$name: not run, past DEADLINE" | tee -a "$OUT/summary.txt"; return; fi
+  [ "$left" -lt "$limit" ] && limit=$left
   local started=$(date +%s.%N)
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local status=$?
@@ -46,6 +65,40 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record st
   echo "$name: exit $status, ${seconds}s wall" | tee -a "$OUT/summary.txt"
   tail -n 4 "$OUT/$name.log"
 }
+
+sep_grid() {  # issue 29 item 5: SepResNet's candidates against the seed net, one run per (compile, batch)
+  local compile batch path layout recipes name
+  for compile in ${SEP_COMPILE:-false true}; do   # eager + captured first: the cheap half
+    for batch in ${SEP_BATCHES:-512 128}; do
+      recipes=(--recipe seed=configs/fast85_gpu.yaml)
+      # channels_last first (the default), native beside spread: a run cut off by its limit
+      # has measured the pairs that matter most.
+      for layout in true false; do
+        for path in native spread; do
+          recipes+=(--recipe "sep_${path}_cl_$layout=configs/sep_resnet10.yaml:model.dilated_depthwise=$path,train.channels_last=$layout")
+        done
+      done
+      # Compiling is most of a compiled run (5 networks, each compiled for its batch and layout);
+      # a rerun on the same machine finds them in inductor's cache (/tmp) and gets further.
+      name=i29_sep_${batch}_compile_$compile
+      # shellcheck disable=SC2086  # SEP_SPEED_ARGS is words on purpose
+      step "$name" "${SEP_LIMIT:-$([ "$compile" = true ] && echo 75 || echo 45)}" \
+        python3 benchmarks/model_speed.py --keep-going --repeats 1 --batch-size "$batch" --timed-images 98304 \
+        --warmup-images 16384 --images 16384 --set train.cuda_graph=true --set train.compile="$compile" \
+        "${recipes[@]}" ${SEP_SPEED_ARGS:-}
+      # Every case's line (printed as it is measured: a run cut off keeps what it measured).
+      grep -E "^round|ratio_vs|FAILED" "$OUT/$name.log" 2>/dev/null | sed "s/^/  $name: /" >> "$OUT/summary.txt"
+    done
+  done
+  step i29_sep_gpu_tests 30 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "sep_resnet or dilated_depthwise"
+}
+
+if [ "${2:-}" = issue29_sep ]; then
+  sep_grid
+  cat "$OUT/summary.txt"
+  (cd "$OUT" && shopt -s nullglob && python3 -m tarfile -c logs.tgz ./*.log && rm -f ./*.log)
+  exit 0
+fi
 
 step data_cache 90 python3 -c "
 from cifar_ddp.config import load_config; from cifar_ddp.data.sources import load_dataset
@@ -87,13 +140,7 @@ if [ "${2:-}" = issue29 ]; then
   step i29_wall_eval_at_end 120 python3 benchmarks/wall_time.py --runs 3 "${recipe[@]}" train.eval_every_epochs=20
   step i29_wall_no_autotune 60 python3 benchmarks/wall_time.py "${recipe[@]}" train.eval_every_epochs=20 \
     train.cudnn_benchmark=false
-  for batch in 512 128; do
-    for layout in true false; do
-      step "i29_sep_${batch}_cl_$layout" 50 python3 benchmarks/throughput.py --batch-size $batch --steps 200 \
-        --images 16384 --skip naive --skip compiled --set model.name=sep_resnet --set train.cuda_graph=true \
-        --set train.channels_last=$layout
-    done
-  done
+  sep_grid
   cat "$OUT/summary.txt"
   (cd "$OUT" && shopt -s nullglob && python3 -m tarfile -c logs.tgz ./*.log && rm -f ./*.log)
   exit 0

@@ -15,6 +15,12 @@ Prints images/s, seconds per 50,000-image epoch, and for each recipe after the f
     python benchmarks/model_speed.py --batch-size 256       # both at one batch size
     python benchmarks/model_speed.py --quick
     python benchmarks/model_speed.py --set train.cuda_graph=true   # on a GPU: the captured step
+    python benchmarks/model_speed.py --keep-going --recipe seed=configs/fast85.yaml \
+        --recipe sep_native=configs/sep_resnet10.yaml:model.dilated_depthwise=native \
+        --recipe sep_spread=configs/sep_resnet10.yaml:model.dilated_depthwise=spread
+
+With --keep-going a recipe that fails (a compile or capture error) prints one FAILED line and
+the others are still measured; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import re
 import statistics
 import sys
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +40,7 @@ from throughput import measure_cifar_ddp  # noqa: E402
 
 from cifar_ddp.assembly import step_options  # noqa: E402
 from cifar_ddp.config import load_config  # noqa: E402
-from cifar_ddp.errors import UserError, exit_on_user_error  # noqa: E402
+from cifar_ddp.errors import UserError, exit_on_user_error, one_line  # noqa: E402
 from cifar_ddp.models import build_model  # noqa: E402
 
 DEFAULT_RECIPES = ["seed=configs/fast85.yaml", "sep_resnet=configs/sep_resnet10.yaml"]
@@ -78,7 +85,7 @@ def recipe_args(args: argparse.Namespace, config: Path, overrides: list, device:
                               data_root="", set=[*overrides, *args.set])
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", action="append", default=[], metavar="LABEL=CONFIG[:OVERRIDE,...]",
                         help="a network and its recipe; the first is the baseline (default: "
@@ -92,6 +99,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every recipe, e.g. --set train.precision=fp32")
     parser.add_argument("--quick", action="store_true", help="1,024 images, one round: a smoke run")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="a recipe that fails prints FAILED and the others go on (exit status 1 at the end)")
     args = parser.parse_args()
     if args.quick:
         args.timed_images, args.warmup_images, args.repeats, args.images = 1024, 512, 1, 1024
@@ -106,22 +115,42 @@ def main() -> None:
     print(f"torch {torch.__version__}, device: {device_name}, {args.repeats} rounds, fake data"
           + (f", overrides: {' '.join(args.set)}" if args.set else ""), flush=True)
     speeds = {label: [] for label in runs}
+    failed = {}
+    baseline = next(iter(runs))
     width = max(14, *map(len, runs))
     for round_ in range(args.repeats):
         for label, run in runs.items():
-            speeds[label].append(measure_cifar_ddp(run))
-            print(f"round {round_ + 1}: {label:>{width}} batch {run.batch_size:4d}: {speeds[label][-1]:10.1f} images/s",
-                  flush=True)
-    baseline = next(iter(runs))
+            if label in failed:
+                continue
+            try:
+                speeds[label].append(measure_cifar_ddp(run))
+            except Exception as error:  # noqa: BLE001 - --keep-going: name it, measure the rest
+                if not args.keep_going:
+                    raise
+                traceback.print_exc()   # the whole of it in the log; the summary gets one line
+                failed[label] = one_line(error)
+                print(f"round {round_ + 1}: {label:>{width}} batch {run.batch_size:4d}: FAILED ({failed[label]})",
+                      flush=True)
+                continue
+            # Against the baseline's speed in this round, as soon as both are known (a run cut
+            # off by a time limit still shows the cases it measured).
+            versus = (f", ratio_vs_{baseline}={speeds[label][-1] / speeds[baseline][-1]:.2f}"
+                      if label != baseline and len(speeds[baseline]) == round_ + 1 else "")
+            print(f"round {round_ + 1}: {label:>{width}} batch {run.batch_size:4d}: {speeds[label][-1]:10.1f} images/s"
+                  + versus, flush=True)
     ratios = []
     for label, run in runs.items():
+        if label in failed:
+            print(f"{label:>{width}} batch {run.batch_size:4d}: FAILED ({failed[label]})", flush=True)
+            continue
         median = statistics.median(speeds[label])
         print(f"{label:>{width}} batch {run.batch_size:4d}: median {median:10.1f} images/s, "
               f"{EPOCH_IMAGES / median:9.1f} s per {EPOCH_IMAGES:,}-image epoch", flush=True)
-        if label != baseline:
+        if label != baseline and baseline not in failed:
             ratios.append(f"ratio_vs_{baseline}[{label}]={median / statistics.median(speeds[baseline]):.2f}")
-    print(" ".join(ratios) if ratios else "one recipe: no ratio")
+    print(" ".join(ratios) if ratios else "no ratio (one recipe, or the baseline failed)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_user_error(lambda: main() or 0))
+    sys.exit(exit_on_user_error(main))

@@ -108,6 +108,10 @@ class ModelConfig:
     # sense: the weight of the new batch in the running statistics (airbench's 0.6 "kept"
     # is 0.4 here). 0 = each BatchNorm keeps its own (PyTorch's default 0.1).
     bn_momentum: float = 0.0
+    # How the network's dilated depthwise convs (models.blocks.DepthwiseConv2d) run: "native"
+    # (torch's dilated kernel), "spread" (an undilated conv over the spread-out kernel), or
+    # "auto" (spread on a CPU, native elsewhere: blocks.AUTO_DILATED_DEPTHWISE). Same weights.
+    dilated_depthwise: Literal["auto", "native", "spread"] = "auto"
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """CUDA only (skipped without a GPU; `benchmarks/gpu_check.sh` runs them on one): the
-captured step against eager, no host sync in the steady state, and torchrun with one
-process on nccl."""
+captured step against eager, no host sync in the steady state (the seed net, and SepResNet
+with either model.dilated_depthwise path), both paths against the dilated conv, and torchrun
+with one process on nccl."""
 
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 
 from cifar_ddp.config import ModelConfig, TrainConfig
 from cifar_ddp.models import build_model
+from cifar_ddp.models.blocks import DepthwiseConv2d, set_dilated_depthwise
 from cifar_ddp.optim import build_optimizer
 from cifar_ddp.step import GRAPH_WARMUP_STEPS, TrainStep
 
@@ -27,9 +29,15 @@ def batches(count: int, n: int = 64):
         yield images, torch.randint(0, 10, (n,), generator=g, device=GPU)
 
 
-def run_steps(cuda_graph: bool, optimizer: str = "sgd", steps: int = GRAPH_WARMUP_STEPS + 6):
+# The networks whose steps are captured here: the seed net, and SepResNet on either path.
+MODELS = {"seed": ModelConfig(dropout=0.0),
+          "sep_resnet_native": ModelConfig(name="sep_resnet", dropout=0.0, dilated_depthwise="native"),
+          "sep_resnet_spread": ModelConfig(name="sep_resnet", dropout=0.0, dilated_depthwise="spread")}
+
+
+def run_steps(cuda_graph: bool, optimizer: str = "sgd", steps: int = GRAPH_WARMUP_STEPS + 6, model: str = "seed"):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(dropout=0.0)).to(GPU, memory_format=torch.channels_last)
+    model = build_model(MODELS[model]).to(GPU, memory_format=torch.channels_last)
     cfg = TrainConfig(cuda_graph=cuda_graph, optimizer=optimizer)
     optimizer = build_optimizer(model, cfg, 0.05)
     stream = torch.cuda.Stream(GPU) if cuda_graph else None
@@ -53,9 +61,44 @@ def test_captured_step_matches_eager_and_replays(optimizer):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
 
 
-def test_steady_state_step_never_syncs_the_host():
+@pytest.mark.parametrize("model", ["sep_resnet_native", "sep_resnet_spread"])
+def test_sep_resnet_captured_step_matches_eager(model):
+    eager, _, eager_model = run_steps(cuda_graph=False, model=model)
+    captured, step, captured_model = run_steps(cuda_graph=True, model=model)
+    assert step.graph is not None
+    assert captured == pytest.approx(eager, rel=2e-3)
+    for a, b in zip(captured_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_both_dilated_depthwise_paths_equal_the_dilated_conv_on_the_gpu(channels_last):
+    """float64 on the GPU: outputs and input/weight gradients of native and spread against
+    nn.Conv2d(dilation=2, groups=c); auto runs native here."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    model = build_model(ModelConfig(dropout=0.0)).to(GPU, memory_format=torch.channels_last)
+    reference = torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=False)
+    reference = reference.to(GPU, torch.float64, memory_format=memory_format)
+    x = torch.randn(4, 8, 16, 16, device=GPU, dtype=torch.float64).contiguous(memory_format=memory_format)
+    x.requires_grad_(True)
+    out_ref = reference(x)
+    grad = torch.randn_like(out_ref)
+    dx_ref, dw_ref = torch.autograd.grad(out_ref, (x, reference.weight), grad)
+    conv = DepthwiseConv2d(8, 3, dilation=2).to(GPU, torch.float64, memory_format=memory_format)
+    conv.load_state_dict(reference.state_dict())
+    assert not conv.runs_spread(GPU)
+    for choice in ("native", "spread"):
+        set_dilated_depthwise(conv, choice)
+        out = conv(x)
+        dx, dw = torch.autograd.grad(out, (x, conv.weight), grad)
+        for got, want in ((out, out_ref), (dx, dx_ref), (dw, dw_ref)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_steady_state_step_never_syncs_the_host(model):
+    torch.manual_seed(0)
+    model = build_model(MODELS[model]).to(GPU, memory_format=torch.channels_last)
     for cuda_graph in (False, True):
         cfg = TrainConfig(cuda_graph=cuda_graph)
         step = TrainStep(model, build_optimizer(model, cfg, 0.05), cfg, "bf16", GPU, first_step=0,

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import Config, ModelConfig, config_from_dict
 from ..errors import ConfigError, one_line
+from .blocks import set_dilated_depthwise
 from .references import is_reference, require_named, resolve
 from .registry import ModelEntry, register_model, registered_names
 
@@ -62,6 +63,7 @@ def build_model(cfg_or_name: Union[str, Config, ModelConfig, Dict[str, Any]], *,
         raise ConfigError(f"model '{model_cfg.name}': its builder returned {type(model).__name__}, not an nn.Module")
     if model_cfg.bn_momentum:
         set_bn_momentum(model, model_cfg.bn_momentum)
+    set_dilated_depthwise(model, model_cfg.dilated_depthwise)
     check_forward(model, model_cfg.name, model_cfg.num_classes)
     return model
 

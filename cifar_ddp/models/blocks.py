@@ -89,21 +89,57 @@ def spread_taps(weight: torch.Tensor, dilation: Tuple[int, int]) -> torch.Tensor
     return cols[:, :, : (kh - 1) * dh + 1, : (kw - 1) * dw + 1]
 
 
+# How a dilated depthwise conv runs (model.dilated_depthwise): "native", torch's own dilated
+# kernel; "spread", an undilated conv over the spread-out kernel (`spread_taps`); "auto", by
+# the input's device type from this table. On the CPU spread is the fast one (PyTorch's CPU
+# backward for a dilated depthwise conv is 4-20x slower than for an undilated one: a
+# 48-channel 32x32 layer at batch 128, 266 ms against 56 ms forward + backward, in
+# channels_last or not; that one layer was half of SepResNet's CPU step). Every other device
+# runs native until a measurement there says otherwise (benchmarks/gpu_check.sh none
+# issue29_sep times both on a GPU): then only this table changes.
+DILATED_DEPTHWISE_CHOICES = ("auto", "native", "spread")
+AUTO_DILATED_DEPTHWISE = {"cpu": "spread"}
+
+
 class DepthwiseConv2d(nn.Conv2d):
     """nn.Conv2d(c, c, k, dilation=d, groups=c, bias=False) with "same" padding - the same
-    module, parameters and outputs - except that on the CPU a dilated one runs as an
-    undilated conv over the spread-out kernel (`spread_taps`). PyTorch's CPU backward for a dilated
-    depthwise conv is 4-20x slower than for an undilated one (a 48-channel 32x32 layer at
-    batch 128: 266 ms against 56 ms forward + backward, in channels_last or not), and that
-    one layer was half of SepResNet's CPU step. Dense dilated convs are fast on the CPU, and
-    GPUs have their own kernels: both keep the usual path."""
+    module, parameters, state_dict and outputs - whose dilated form runs natively or as an
+    undilated conv over the spread-out kernel, as `dilated_depthwise` says (see
+    AUTO_DILATED_DEPTHWISE; set it on a whole network with set_dilated_depthwise). The choice
+    is a fixed attribute, not state that changes per call, so a compiled or captured step
+    traces the one path it was built with."""
 
     def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1, stride: int = 1) -> None:
         super().__init__(channels, channels, kernel_size, stride=stride, padding=dilation * (kernel_size - 1) // 2,
                          dilation=dilation, groups=channels, bias=False)
+        self.dilated_depthwise = "auto"   # build_model sets model.dilated_depthwise
+
+    def runs_spread(self, device: torch.device) -> bool:
+        """Whether a call on `device` runs the spread kernel (an undilated conv never does)."""
+        if self.dilation == (1, 1):
+            return False
+        choice = self.dilated_depthwise
+        if choice == "auto":
+            choice = AUTO_DILATED_DEPTHWISE.get(device.type, "native")
+        return choice == "spread"
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if input.device.type != "cpu" or self.dilation == (1, 1):
+        if not self.runs_spread(input.device):
             return super()._conv_forward(input, weight, bias)
         return F.conv2d(input, spread_taps(weight, self.dilation), bias, self.stride, self.padding, 1, self.groups)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", dilated_depthwise={self.dilated_depthwise}"
+
+
+def set_dilated_depthwise(model: nn.Module, choice: str) -> int:
+    """`choice` (auto, native or spread) on every DepthwiseConv2d of `model`, whoever built it;
+    returns how many there are. Call it before compiling or capturing: the step traces the
+    path each module has then."""
+    if choice not in DILATED_DEPTHWISE_CHOICES:   # config.py has refused it already for a config's value
+        raise ValueError(f"dilated_depthwise is {choice!r}; expected one of {', '.join(DILATED_DEPTHWISE_CHOICES)}")
+    convs = [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+    for conv in convs:
+        conv.dilated_depthwise = choice
+    return len(convs)
