@@ -28,8 +28,9 @@
 # `issue29` runs issue 29's measurements instead: benchmarks/wall_time.py for fast85_gpu,
 # 3 runs start to exit (the breakdown: start-up, data, set-up, steps, evaluation, ...), as
 # shipped and evaluated at the end only (train.eval_every_epochs=20); one run each with
-# train.cudnn_benchmark=false (no autotuning: the set-up cost against the steady speed);
-# then the SepResNet grid that `issue29_sep` runs alone (issue 29 item 5): its captured
+# train.cudnn_benchmark=false (no autotuning: the set-up cost against the steady speed) and
+# with train.cudnn_benchmark_limit 1 and 0 (PyTorch's default tries 10 algorithms): 7.5
+# minutes at most. Run `issue29_sep` as a second command: the SepResNet grid (issue 29 item 5): its captured
 # training step at batch 512 and 128 for model.dilated_depthwise {native, spread} x
 # train.channels_last {true, false}, eager + captured and then compiled + captured, with
 # the seed net (fast85_gpu) timed first in each of those 4 runs (benchmarks/model_speed.py,
@@ -140,7 +141,10 @@ if [ "${2:-}" = issue29 ]; then
   step i29_wall_eval_at_end 120 python3 benchmarks/wall_time.py --runs 3 "${recipe[@]}" train.eval_every_epochs=20
   step i29_wall_no_autotune 60 python3 benchmarks/wall_time.py "${recipe[@]}" train.eval_every_epochs=20 \
     train.cudnn_benchmark=false
-  sep_grid
+  for limit in 1 0; do   # autotuning that tries 1 algorithm / every algorithm (PyTorch's default: 10)
+    step "i29_wall_autotune_limit_$limit" 60 python3 benchmarks/wall_time.py "${recipe[@]}" \
+      train.eval_every_epochs=20 train.cudnn_benchmark_limit=$limit
+  done
   cat "$OUT/summary.txt"
   (cd "$OUT" && shopt -s nullglob && python3 -m tarfile -c logs.tgz ./*.log && rm -f ./*.log)
   exit 0
