@@ -20,7 +20,7 @@ from .config import CIFAR10_CLASSES, Config, TrainConfig
 from .data.loaders import TrainBatches
 from .data.sources import DatasetArrays, load_dataset
 from .distributed import DistContext, wrap_ddp
-from .ema import WeightEma
+from .ema import Lookahead, WeightEma
 from .errors import UserError
 from .models import build_model
 from .optim import build_optimizer, peak_lr
@@ -102,24 +102,31 @@ def train_batches(cfg: Config, train: TrainConfig, data: DatasetArrays, ctx: Dis
 @dataclass
 class Optimization:
     """What updates the weights: the optimizer at the run's peak LR, fp16's GradScaler,
-    the weight EMA (None when off)."""
+    the weight EMA and the lookahead (each None when off)."""
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
     ema: Optional[WeightEma]
     peak_lr: float
     global_batch: int
+    lookahead: Optional[Lookahead] = None
 
 
 def build_optimization(model: nn.Module, train: TrainConfig, precision: str, ctx: DistContext,
-                       lr: Optional[float] = None) -> Optimization:
-    """`lr`: the optimizer's initial LR (default: the peak, by linear scaling of train.lr)."""
+                       lr: Optional[float] = None, total_steps: Optional[int] = None) -> Optimization:
+    """`lr`: the optimizer's initial LR (default: the peak, by linear scaling of train.lr).
+    `total_steps`: the run's steps, which the lookahead's ramp follows; callers that run no
+    schedule of a whole run (the LR range test, the benchmarks) pass none and train without
+    the lookahead."""
     global_batch = train.batch_size * ctx.world_size
     peak = peak_lr(train, global_batch)
     optimizer = build_optimizer(model, train, peak if lr is None else lr, peak=peak)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     # BN running statistics are averaged too, so the EMA model evaluates as is.
     ema = WeightEma(model, train.ema_decay) if train.ema_decay > 0 else None
-    return Optimization(optimizer, scaler, ema, peak, global_batch)
+    lookahead = None
+    if train.lookahead_every_steps and total_steps:
+        lookahead = Lookahead(model, train.lookahead_every_steps, train.lookahead_decay, total_steps)
+    return Optimization(optimizer, scaler, ema, peak, global_batch, lookahead)
 
 
 def build_step(model: nn.Module, optimization: Optimization, train: TrainConfig, precision: str,
@@ -128,7 +135,8 @@ def build_step(model: nn.Module, optimization: Optimization, train: TrainConfig,
     stream a captured step needs). `train`: as step_options returns it."""
     stream = capture_stream(train, ctx.device)
     return TrainStep(wrap_ddp(model, ctx, stream), optimization.optimizer, train, precision, ctx.device, first_step,
-                     ema=optimization.ema, scaler=optimization.scaler, bare_model=model, stream=stream)
+                     ema=optimization.ema, scaler=optimization.scaler, bare_model=model, stream=stream,
+                     lookahead=optimization.lookahead)
 
 
 __all__ = ["Optimization", "build_optimization", "build_step", "build_training_model", "class_names", "eval_split",

@@ -169,6 +169,12 @@ class TrainConfig:
     final_div: float = 1e4
     # Exponential moving average of weights, evaluated instead of the raw weights; 0 = off.
     ema_decay: float = 0.0
+    # Lookahead (airbench; ema.Lookahead): every this many steps (k) an average of the weights
+    # moves towards the model, keeping lookahead_decay**k x (step / total steps)**3 of itself,
+    # and the model continues from that average; the last step copies it into the model.
+    # 0 = off. It composes with ema_decay: the EMA averages the model as the lookahead leaves it.
+    lookahead_every_steps: int = 0
+    lookahead_decay: float = 0.95
     # Evaluate on image and its mirror, averaging logits (reported next to plain accuracy).
     tta_flip: bool = False
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -474,6 +480,9 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.warmup_frac < 1, f"train.warmup_frac is {t.warmup_frac}; it must be in [0, 1)")
     _require(t.initial_div >= 1 and t.final_div >= 1, "train.initial_div and train.final_div must be >= 1")
     _require(0 <= t.ema_decay < 1, f"train.ema_decay is {t.ema_decay}; it must be in [0, 1) (0 turns EMA off)")
+    _require(t.lookahead_every_steps >= 0, f"train.lookahead_every_steps is {t.lookahead_every_steps}; it must be "
+                                           ">= 0 (0 turns the lookahead off)")
+    _require(0 < t.lookahead_decay <= 1, f"train.lookahead_decay is {t.lookahead_decay}; it must be in (0, 1]")
     _require(0 <= t.label_smoothing < 1, f"train.label_smoothing is {t.label_smoothing}; it must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     # Every optimizer argument is checked here: torch's own ValueError would be a traceback.

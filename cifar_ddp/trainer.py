@@ -96,7 +96,8 @@ class Trainer:
             self.batches = batches = train_batches(cfg, options, data, ctx)
             # Normalised once and kept on the device: it is scored again and again.
             self.test_shard = DeviceEvalSplit(eval_shard(data.test, ctx.rank, ctx.world_size), data.stats, ctx.device)
-        self.optimization = build_optimization(model, options, precision, ctx)
+        self.optimization = build_optimization(model, options, precision, ctx,
+                                               total_steps=options.epochs * batches.steps_per_epoch)
         self.ema = self.optimization.ema
         if ctx.is_main:
             _check_room_for_checkpoints(self.out_dir, model, self.ema, options)
