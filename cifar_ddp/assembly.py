@@ -2,8 +2,9 @@
 range test (lr_find.py) and the benchmarks (benchmarks/throughput.py). Built in the order a
 run needs them: the step options (refusing what this device cannot run) and the network
 (its design rules checked by the caller) before the data, so a mistake stops in seconds;
-then the data (rank 0 first), the per-rank batches, the optimizer with its scaler and EMA,
-and the step that trains on them.
+then the data (rank 0 first), the whitening stem's filters from it (model.whiten_stem),
+the per-rank batches, the optimizer with its scaler, EMA and lookahead, and the step that
+trains on them.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from torch import nn
 from .config import CIFAR10_CLASSES, Config, TrainConfig
 from .data.loaders import TrainBatches
 from .data.sources import DatasetArrays, load_dataset
+from .data.transforms import normalize_batch
 from .distributed import DistContext, wrap_ddp
 from .ema import Lookahead, WeightEma
 from .errors import UserError
 from .models import build_model
+from .models.whitening import PatchMoments, whitening_stems
 from .optim import build_optimizer, peak_lr
 from .step import TrainStep, capture_stream, resolve_precision, resolve_step_options
 
@@ -80,6 +83,32 @@ def load_data(cfg: Config, ctx: DistContext) -> DatasetArrays:
         if ctx.is_main:
             ctx.barrier()
     return arrays
+
+
+# Images per chunk when the whitening stem's patch statistics are summed (float64 patches
+# of 512 images: about 47 MB).
+WHITENING_CHUNK = 512
+
+
+def fit_whitening_stem(model: nn.Module, data: DatasetArrays) -> None:
+    """model.whiten_stem: set the frozen stem's filters from the 2x2 patches of the training
+    split (after the val carve), normalised as the network sees them. Called once the data
+    is loaded and before the EMA, the lookahead and DDP copy the model. Every rank computes
+    the same from the same images (DDP's start-up broadcast from rank 0 would settle any
+    difference in the last bit). A model without the stem is left as it is."""
+    stems = whitening_stems(model)
+    if not stems:
+        return
+    assert data.train is not None
+    device = next(model.parameters()).device
+    moments = PatchMoments(stems[0].patch)
+    images = data.train.images
+    for start in range(0, len(images), WHITENING_CHUNK):
+        chunk = torch.from_numpy(images[start:start + WHITENING_CHUNK]).to(device)
+        moments.add(normalize_batch(chunk, data.stats))
+    mean, covariance = moments.result()
+    for stem in stems:
+        stem.fit(mean, covariance)
 
 
 def train_batches(cfg: Config, train: TrainConfig, data: DatasetArrays, ctx: DistContext) -> TrainBatches:
@@ -140,5 +169,5 @@ def build_step(model: nn.Module, optimization: Optimization, train: TrainConfig,
 
 
 __all__ = ["Optimization", "build_optimization", "build_step", "build_training_model", "class_names", "eval_split",
-           "load_data",
+           "fit_whitening_stem", "load_data",
            "seed_everything", "step_options", "train_batches"]

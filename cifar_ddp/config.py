@@ -108,6 +108,11 @@ class ModelConfig:
     # sense: the weight of the new batch in the running statistics (airbench's 0.6 "kept"
     # is 0.4 here). 0 = each BatchNorm keeps its own (PyTorch's default 0.1).
     bn_momentum: float = 0.0
+    # The seed and SepResNet: start C1 with airbench's frozen patch-whitening stem (a 2x2 conv,
+    # 3 -> 24 channels, 32x32 -> 31x31, then GELU; models/whitening.py), its filters computed
+    # from the training split (after the val carve) before training; +312 frozen parameters,
+    # and the first conv takes 24 channels instead of 3 (the seed: 153,912 in all).
+    whiten_stem: bool = False
 
 
 @dataclass
