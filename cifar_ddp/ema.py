@@ -40,13 +40,14 @@ class WeightEma(nn.Module):
         """Move the average towards `model`. The kept share warms up, (1 + n) / (10 + n) until
         it reaches `decay`: a fixed 0.999 would keep ~40% of the random initial weights after
         the first epoch, and score 10%. The first update copies. `skip` (a bool tensor) leaves
-        everything as it is, for a step whose update was masked."""
+        everything as it is, for a step whose update was masked. Parameters the model does not
+        train keep the values they had when the EMA was made (`_trained_pairs`)."""
         n = self.n_averaged.to(torch.float32)
         keep = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
         keep = torch.where(n == 0, torch.zeros_like(keep), keep)
         if skip is not None:
             keep = torch.where(skip, torch.ones_like(keep), keep)
-        _blend(_floating(self.module), _floating(model), keep)
+        _blend(*_trained_pairs(self.module, model), keep)
         for target, source in zip(_tensors(self.module), _tensors(model)):
             if not target.is_floating_point():
                 # Integer buffers (BN's num_batches_tracked) are counters: take the current value
@@ -119,16 +120,12 @@ def _tensors(model: nn.Module):
     return [*model.parameters(), *model.buffers()]
 
 
-def _floating(model: nn.Module) -> List[torch.Tensor]:
-    # Weights and BN running statistics; integer counters are not averaged.
-    return [t for t in _tensors(model) if t.is_floating_point()]
-
-
 def _trained_pairs(average: nn.Module, model: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """The average's and the model's floating tensors, leaving out the parameters the model
     does not train (frozen BN gains, a frozen whitening stem): blending a constant with itself
-    is not exact in floating point, and the lookahead copies its average back, so a frozen
-    weight would drift by rounding."""
+    is not exact in floating point, so a frozen weight would drift by rounding (and the
+    lookahead would copy the drift back into the model)."""
+    # Weights and BN running statistics; integer counters (num_batches_tracked) are not averaged.
     trained = [p.requires_grad for p in model.parameters()] + [True for _ in model.buffers()]
     pairs = [(a, c) for a, c, keep in zip(_tensors(average), _tensors(model), trained)
              if keep and c.is_floating_point()]

@@ -263,3 +263,18 @@ def test_resume_with_lookahead_and_ema_is_bitwise_equal(tmp_path: Path):
     # The last step copied the average back into the model.
     averaged = {k[len("module."):]: v for k, v in a["lookahead"].items() if k.startswith("module.")}
     assert all(torch.equal(averaged[k], v) for k, v in a["model"].items() if v.is_floating_point())
+
+
+def test_the_ema_leaves_frozen_weights_as_they_were():
+    """A frozen weight (train.bn_freeze_weight's BN gains, the whitening stem) is not
+    blended: keep * w + (1 - keep) * w is not w in floating point."""
+    model = bn_model()
+    with torch.no_grad():
+        model[1].weight.fill_(0.1)      # 0.1 does not survive the blend at keep = 2/11 (checked below)
+    model[1].weight.requires_grad_(False)
+    ema = WeightEma(model, decay=0.9)
+    ema.update(model)
+    ema.update(model)
+    assert torch.equal(ema.module[1].weight, model[1].weight)
+    keep = torch.tensor(2 / 11)
+    assert not torch.equal(keep * model[1].weight + (1 - keep) * model[1].weight, model[1].weight)
