@@ -278,3 +278,14 @@ def test_the_ema_leaves_frozen_weights_as_they_were():
     assert torch.equal(ema.module[1].weight, model[1].weight)
     keep = torch.tensor(2 / 11)
     assert not torch.equal(keep * model[1].weight + (1 - keep) * model[1].weight, model[1].weight)
+
+
+@pytest.mark.parametrize("key, value", [("lookahead_every_steps", -1), ("lookahead_decay", 0.0),
+                                        ("lookahead_decay", 1.5)])
+def test_impossible_lookahead_settings_are_refused_naming_the_key(key, value):
+    from cifar_ddp.config import config_from_dict
+    from cifar_ddp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^train\.{key} is {value}; it must be"):
+        config_from_dict({"train": {key: value}})
+    config_from_dict({"train": {"lookahead_every_steps": 0, "lookahead_decay": 1.0}})   # the edges that work
