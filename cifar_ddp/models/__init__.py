@@ -75,8 +75,8 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> None:
 
 def builder_arguments(entry: ModelEntry, m: ModelConfig) -> Dict[str, Any]:
     """The keyword arguments the builder gets: each of model.widths, model.dropout,
-    model.zero_init_residual, model.num_classes and model.whiten_stem that it takes (a set one it does not
-    take is an error), then model.args, which win."""
+    model.zero_init_residual, model.num_classes and model.whiten_stem that it takes (a set
+    one it does not take is an error), then model.args, which win."""
     kwargs: Dict[str, Any] = {}
     widths = entry.default_widths
     if m.widths:

@@ -8,8 +8,9 @@ strong correlation of neighbouring pixels and channels). Each filter comes twice
 and -v: after the GELU the pair keeps both signs of every component (with one copy, the
 negative half of each would be squashed). The bias centres the patches (-W @ mean), so
 the outputs have zero mean too. Weights and bias are parameters that are never trained
-(requires_grad off: no gradient, not in the optimizer, left out of the lookahead; saved in
-every checkpoint like any weight, and counted in the model's parameters).
+(requires_grad off: no gradient, not in the optimizer, left out of the EMA's and the
+lookahead's blends; saved in every checkpoint like any weight, and counted in the model's
+parameters).
 
 `fit` sets them from the patch statistics of the training split (assembly.fit_whitening_stem
 streams them in chunks through `PatchMoments`); until then the stem whitens as if the
