@@ -2,8 +2,9 @@
 range test (lr_find.py) and the benchmarks (benchmarks/throughput.py). Built in the order a
 run needs them: the step options (refusing what this device cannot run) and the network
 (its design rules checked by the caller) before the data, so a mistake stops in seconds;
-then the data (rank 0 first), the per-rank batches, the optimizer with its scaler and EMA,
-and the step that trains on them.
+then the data (rank 0 first), the whitening stem's filters from it (model.whiten_stem),
+the per-rank batches, the optimizer with its scaler, EMA and lookahead, and the step that
+trains on them.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from torch import nn
 from .config import CIFAR10_CLASSES, Config, TrainConfig
 from .data.loaders import TrainBatches
 from .data.sources import DatasetArrays, load_dataset
+from .data.transforms import normalize_batch
 from .distributed import DistContext, wrap_ddp
-from .ema import WeightEma
+from .ema import Lookahead, WeightEma
 from .errors import UserError
 from .models import build_model
+from .models.whitening import PatchMoments, whitening_stems
 from .optim import build_optimizer, peak_lr
 from .step import TrainStep, capture_stream, resolve_precision, resolve_step_options
 
@@ -82,6 +85,32 @@ def load_data(cfg: Config, ctx: DistContext) -> DatasetArrays:
     return arrays
 
 
+# Images per chunk when the whitening stem's patch statistics are summed (float64 patches
+# of 512 images: about 47 MB).
+WHITENING_CHUNK = 512
+
+
+def fit_whitening_stem(model: nn.Module, data: DatasetArrays) -> None:
+    """model.whiten_stem: set the frozen stem's filters from the 2x2 patches of the training
+    split (after the val carve), normalised as the network sees them. Called once the data
+    is loaded and before the EMA, the lookahead and DDP copy the model. Every rank computes
+    the same from the same images (DDP's start-up broadcast from rank 0 would settle any
+    difference in the last bit). A model without the stem is left as it is."""
+    stems = whitening_stems(model)
+    if not stems:
+        return
+    assert data.train is not None
+    device = next(model.parameters()).device
+    moments = PatchMoments(stems[0].patch)
+    images = data.train.images
+    for start in range(0, len(images), WHITENING_CHUNK):
+        chunk = torch.from_numpy(images[start:start + WHITENING_CHUNK]).to(device)
+        moments.add(normalize_batch(chunk, data.stats))
+    mean, covariance = moments.result()
+    for stem in stems:
+        stem.fit(mean, covariance)
+
+
 def train_batches(cfg: Config, train: TrainConfig, data: DatasetArrays, ctx: DistContext) -> TrainBatches:
     """This rank's augmented training batches (`train`: as step_options returns it)."""
     assert data.train is not None
@@ -102,24 +131,31 @@ def train_batches(cfg: Config, train: TrainConfig, data: DatasetArrays, ctx: Dis
 @dataclass
 class Optimization:
     """What updates the weights: the optimizer at the run's peak LR, fp16's GradScaler,
-    the weight EMA (None when off)."""
+    the weight EMA and the lookahead (each None when off)."""
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
     ema: Optional[WeightEma]
     peak_lr: float
     global_batch: int
+    lookahead: Optional[Lookahead] = None
 
 
 def build_optimization(model: nn.Module, train: TrainConfig, precision: str, ctx: DistContext,
-                       lr: Optional[float] = None) -> Optimization:
-    """`lr`: the optimizer's initial LR (default: the peak, by linear scaling of train.lr)."""
+                       lr: Optional[float] = None, total_steps: Optional[int] = None) -> Optimization:
+    """`lr`: the optimizer's initial LR (default: the peak, by linear scaling of train.lr).
+    `total_steps`: the run's steps, which the lookahead's ramp follows; callers that run no
+    schedule of a whole run (the LR range test, the benchmarks) pass none and train without
+    the lookahead."""
     global_batch = train.batch_size * ctx.world_size
     peak = peak_lr(train, global_batch)
     optimizer = build_optimizer(model, train, peak if lr is None else lr, peak=peak)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     # BN running statistics are averaged too, so the EMA model evaluates as is.
     ema = WeightEma(model, train.ema_decay) if train.ema_decay > 0 else None
-    return Optimization(optimizer, scaler, ema, peak, global_batch)
+    lookahead = None
+    if train.lookahead_every_steps and total_steps:
+        lookahead = Lookahead(model, train.lookahead_every_steps, train.lookahead_decay, total_steps)
+    return Optimization(optimizer, scaler, ema, peak, global_batch, lookahead)
 
 
 def build_step(model: nn.Module, optimization: Optimization, train: TrainConfig, precision: str,
@@ -128,9 +164,10 @@ def build_step(model: nn.Module, optimization: Optimization, train: TrainConfig,
     stream a captured step needs). `train`: as step_options returns it."""
     stream = capture_stream(train, ctx.device)
     return TrainStep(wrap_ddp(model, ctx, stream), optimization.optimizer, train, precision, ctx.device, first_step,
-                     ema=optimization.ema, scaler=optimization.scaler, bare_model=model, stream=stream)
+                     ema=optimization.ema, scaler=optimization.scaler, bare_model=model, stream=stream,
+                     lookahead=optimization.lookahead)
 
 
 __all__ = ["Optimization", "build_optimization", "build_step", "build_training_model", "class_names", "eval_split",
-           "load_data",
+           "fit_whitening_stem", "load_data",
            "seed_everything", "step_options", "train_batches"]

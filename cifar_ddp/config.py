@@ -112,6 +112,11 @@ class ModelConfig:
     # (torch's dilated kernel), "spread" (an undilated conv over the spread-out kernel), or
     # "auto" (spread on a CPU, native elsewhere: blocks.AUTO_DILATED_DEPTHWISE). Same weights.
     dilated_depthwise: Literal["auto", "native", "spread"] = "auto"
+    # The seed and SepResNet: start C1 with airbench's frozen patch-whitening stem (a 2x2 conv,
+    # 3 -> 24 channels, 32x32 -> 31x31, then GELU; models/whitening.py), its filters computed
+    # from the training split (after the val carve) before training; +312 frozen parameters,
+    # and the first conv takes 24 channels instead of 3 (the seed: 153,912 in all).
+    whiten_stem: bool = False
 
 
 @dataclass
@@ -173,6 +178,12 @@ class TrainConfig:
     final_div: float = 1e4
     # Exponential moving average of weights, evaluated instead of the raw weights; 0 = off.
     ema_decay: float = 0.0
+    # Lookahead (airbench; ema.Lookahead): every this many steps (k) an average of the weights
+    # moves towards the model, keeping lookahead_decay**k x (step / total steps)**3 of itself,
+    # and the model continues from that average; the last step copies it into the model.
+    # 0 = off. It composes with ema_decay: the EMA averages the model as the lookahead leaves it.
+    lookahead_every_steps: int = 0
+    lookahead_decay: float = 0.95
     # Evaluate on image and its mirror, averaging logits (reported next to plain accuracy).
     tta_flip: bool = False
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -482,6 +493,9 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.warmup_frac < 1, f"train.warmup_frac is {t.warmup_frac}; it must be in [0, 1)")
     _require(t.initial_div >= 1 and t.final_div >= 1, "train.initial_div and train.final_div must be >= 1")
     _require(0 <= t.ema_decay < 1, f"train.ema_decay is {t.ema_decay}; it must be in [0, 1) (0 turns EMA off)")
+    _require(t.lookahead_every_steps >= 0, f"train.lookahead_every_steps is {t.lookahead_every_steps}; it must be "
+                                           ">= 0 (0 turns the lookahead off)")
+    _require(0 < t.lookahead_decay <= 1, f"train.lookahead_decay is {t.lookahead_decay}; it must be in (0, 1]")
     _require(0 <= t.label_smoothing < 1, f"train.label_smoothing is {t.label_smoothing}; it must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     # Every optimizer argument is checked here: torch's own ValueError would be a traceback.

@@ -1,5 +1,5 @@
 """What a training checkpoint holds, which one a run continues from, and putting it back:
-the weights, optimizer, scaler and EMA, where the run stands, and each rank's random
+the weights, optimizer, scaler, EMA and lookahead, where the run stands, and each rank's random
 streams. checkpoint.py owns the files (atomic, checksummed, weights-only); this module owns
 what is in them and what a resume means.
 """
@@ -47,6 +47,7 @@ def payload(cfg: Config, ctx: DistContext, model: nn.Module, optimization: Optim
         "model": model.state_dict(),
         "architecture": ckpt.architecture_signature(model.state_dict()),
         "ema": optimization.ema.state_dict() if optimization.ema is not None else None,
+        "lookahead": optimization.lookahead.state_dict() if optimization.lookahead is not None else None,
         "optimizer": optimization.optimizer.state_dict(),
         "scaler": optimization.scaler.state_dict() if optimization.scaler is not None else None,
         "train_state": asdict(state),
@@ -107,12 +108,14 @@ def find_source(cfg: Config, ctx: DistContext) -> Optional[Source]:
 
 def restore(source: Source, ctx: DistContext, model: nn.Module, optimization: Optimization, state: TrainState,
             batches: TrainBatches) -> None:
-    """Put the checkpoint back into this run's model, optimizer, scaler, EMA and state."""
+    """Put the checkpoint back into this run's model, optimizer, scaler, EMA, lookahead and state."""
     path, saved = source
     ckpt.check_architecture(saved, model.state_dict(), str(path))
     model.load_state_dict(saved["model"])
     if optimization.ema is not None and saved.get("ema") is not None:
         optimization.ema.load_state_dict(saved["ema"])
+    if optimization.lookahead is not None and saved.get("lookahead") is not None:
+        optimization.lookahead.load_state_dict(saved["lookahead"])
     optimization.optimizer.load_state_dict(saved["optimizer"])
     if optimization.scaler is not None and saved.get("scaler") is not None:
         optimization.scaler.load_state_dict(saved["scaler"])

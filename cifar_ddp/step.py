@@ -1,5 +1,5 @@
 """One training step that never waits on the host: forward, loss, backward (with DDP's
-all-reduce), the optimizer update, EMA and the running metrics all stay on the device.
+all-reduce), the optimizer update, lookahead, EMA and the running metrics all stay on the device.
 
 Why it is built this way:
 - The learning rate is a 0-dim tensor on the device that every parameter group points
@@ -37,7 +37,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .data.mixing import dominant_labels
-from .ema import WeightEma
+from .ema import Lookahead, WeightEma
 from .optim import MuonWithSGD
 from .errors import UserError
 
@@ -105,13 +105,14 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, precision: str,
                  device: torch.device, first_step: int, ema: Optional[WeightEma] = None,
                  scaler: Optional[torch.amp.GradScaler] = None, bare_model: Optional[nn.Module] = None,
-                 stream: Optional["torch.cuda.Stream"] = None) -> None:
+                 stream: Optional["torch.cuda.Stream"] = None, lookahead: Optional[Lookahead] = None) -> None:
         # Its own guard too (a step can be built directly): settles "auto", refuses what
         # cannot run here; assembly.step_options has done the same before the data loaded.
         cfg = resolve_step_options(cfg, device, precision)
         self.model = torch.compile(model, dynamic=False) if cfg.compile else model
         self.bare_model = bare_model if bare_model is not None else model
         self.optimizer, self.ema, self.scaler = optimizer, ema, scaler
+        self.lookahead = lookahead
         self.precision, self.device = precision, device
         self.label_smoothing = cfg.label_smoothing
         self.clip_grad_norm = cfg.clip_grad_norm
@@ -237,6 +238,9 @@ class TrainStep:
             self.found_inf.copy_(bad.float())
             self.optimizer.found_inf = self.found_inf
             self.optimizer.step()
+        if self.lookahead is not None:
+            # Before the EMA, which then averages the model as the lookahead leaves it.
+            self.lookahead.update(self.bare_model, self.step_count + 1, skip=bad)
         if self.ema is not None:
             self.ema.update(self.bare_model, skip=bad)
         good = ~bad

@@ -18,8 +18,8 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import lock as out_dir_lock
 from . import resume, rules
-from .assembly import (build_optimization, build_step, build_training_model, eval_split, load_data,
-                       seed_everything, step_options, train_batches)
+from .assembly import (build_optimization, build_step, build_training_model, eval_split, fit_whitening_stem,
+                       load_data, seed_everything, step_options, train_batches)
 from .config import Config
 from .data.loaders import DeviceEvalSplit, epoch_seed, eval_shard
 from .data.mixing import mixing_enabled
@@ -94,10 +94,12 @@ class Trainer:
 
         with self.clock.phase("data"):
             self.data = data = load_data(cfg, ctx)
+            fit_whitening_stem(model, data)   # model.whiten_stem; before the EMA and DDP copy the model
             self.batches = batches = train_batches(cfg, options, data, ctx)
             # Normalised once and kept on the device: it is scored again and again.
             self.test_shard = DeviceEvalSplit(eval_shard(data.test, ctx.rank, ctx.world_size), data.stats, ctx.device)
-        self.optimization = build_optimization(model, options, precision, ctx)
+        self.optimization = build_optimization(model, options, precision, ctx,
+                                               total_steps=options.epochs * batches.steps_per_epoch)
         self.ema = self.optimization.ema
         if ctx.is_main:
             _check_room_for_checkpoints(self.out_dir, model, self.ema, options)

@@ -77,8 +77,8 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> None:
 
 def builder_arguments(entry: ModelEntry, m: ModelConfig) -> Dict[str, Any]:
     """The keyword arguments the builder gets: each of model.widths, model.dropout,
-    model.zero_init_residual and model.num_classes that it takes (a set one it does not
-    take is an error), then model.args, which win."""
+    model.zero_init_residual, model.num_classes and model.whiten_stem that it takes (a set
+    one it does not take is an error), then model.args, which win."""
     kwargs: Dict[str, Any] = {}
     widths = entry.default_widths
     if m.widths:
@@ -94,7 +94,11 @@ def builder_arguments(entry: ModelEntry, m: ModelConfig) -> Dict[str, Any]:
         residual = [n for n in registered_names() if resolve(n).residual]
         raise ConfigError(f"model.zero_init_residual=true needs a model with residual units "
                           f"({', '.join(residual)}); {m.name} has none: drop the setting")
-    for key in ("dropout", "zero_init_residual", "num_classes"):
+    if m.whiten_stem and not entry.takes("whiten_stem"):
+        takers = [n for n in registered_names() if resolve(n).takes("whiten_stem")]
+        raise ConfigError(f"model.whiten_stem=true needs a model built to take the whitening stem "
+                          f"({', '.join(takers)}); {m.name} is not: drop the setting")
+    for key in ("dropout", "zero_init_residual", "num_classes", "whiten_stem"):
         if entry.takes(key):
             kwargs[key] = getattr(m, key)
     unknown = [k for k in m.args if not entry.takes(k)]

@@ -15,18 +15,23 @@ from torch import nn
 
 from .blocks import ConvUnit, DepthwiseSeparableUnit, DilatedConvUnit, TransitionUnit
 from .registry import register_model
+from .whitening import PatchWhitening
 
 
 # Grad-CAM looks at C4, the last block with a spatial map (2x2).
 @register_model("seed", cam_layer="c4", widths_meaning="narrow, middle, wide")
 class SeedNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (16, 32, 64), dropout: float = 0.05,
-                 num_classes: int = 10) -> None:
+                 num_classes: int = 10, whiten_stem: bool = False) -> None:
         super().__init__()
         narrow, middle, wide = widths
         p = dropout
+        # model.whiten_stem: C1 starts with the frozen 2x2 patch whitening (3 -> 24 channels,
+        # 32 -> 31; the stride-2 convs still give 16, 8, 4; the receptive field grows by 1).
+        stem = [PatchWhitening(3)] if whiten_stem else []
         self.c1 = nn.Sequential(
-            ConvUnit(3, narrow, dropout=p),
+            *stem,
+            ConvUnit(stem[0].out_channels if stem else 3, narrow, dropout=p),
             DilatedConvUnit(narrow, middle, dropout=p),
             DepthwiseSeparableUnit(middle, wide),
             ConvUnit(wide, wide, stride=2, dropout=p),                 # 32 -> 16

@@ -28,6 +28,7 @@ from torch import nn
 
 from .blocks import DepthwiseConv2d
 from .registry import register_model
+from .whitening import PatchWhitening
 
 
 class SeparableResidualUnit(nn.Module):
@@ -67,11 +68,16 @@ class SeparableDownUnit(nn.Sequential):
 @register_model("sep_resnet", cam_layer="c4", widths_meaning="C1, C2, C3, C4")
 class SepResNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (48, 96, 128, 192), dropout: float = 0.0,
-                 num_classes: int = 10, zero_init_residual: bool = False) -> None:
+                 num_classes: int = 10, zero_init_residual: bool = False, whiten_stem: bool = False) -> None:
         super().__init__()
         w1, w2, w3, w4 = widths
+        # model.whiten_stem: C1 starts with the frozen 2x2 patch whitening (3 -> 24 channels,
+        # 32 -> 31; the stride-2 convs still give 16, 8, 4; the receptive field grows by 1).
+        whitening = [PatchWhitening(3)] if whiten_stem else []
         self.c1 = nn.Sequential(
-            nn.Conv2d(3, w1, 3, padding=1, bias=False), nn.BatchNorm2d(w1), nn.ReLU(),   # stem
+            *whitening,
+            nn.Conv2d(whitening[0].out_channels if whitening else 3, w1, 3, padding=1, bias=False),   # stem
+            nn.BatchNorm2d(w1), nn.ReLU(),
             SeparableResidualUnit(w1, dilation=2),
             SeparableDownUnit(w1, w2),                                    # 32 -> 16
         )
