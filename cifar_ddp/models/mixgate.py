@@ -21,18 +21,20 @@ follows ConvNeXt and xvel/cifar10-tiniest, built from ops cuDNN does well:
 
 "Down" is a stride-2 depthwise 3x3, a 1x1 conv to the next width and BN.
 
-Parameters (widths 32, 80, 128, expansion 1): 150,298 against the seed's 150,576;
-each unit of C channels and expansion E holds 9C (depthwise) + 2C (BN) + 2EC (expand) +
-EC (project) + 2C (BN) = 13C + 3EC. Per resolution, counted at each layer's output map
-(the down units' depthwise conv at the smaller map), against the seed and SepResNet:
+Parameters (widths 32, 80, 104, expansion 1): 146,250 against the seed's 150,576; each
+unit of C channels and expansion E holds 9C (depthwise) + 2C (BN) + 2EC (expand) + EC
+(project) + 2C (BN) = 13C + 3EC. Per resolution, counted at each layer's output map (a down
+unit's stride-2 depthwise conv at the smaller map), against SepResNet and the seed
+(tests/test_mixgate.py checks the first two columns):
 
-    map     MixGateNet        SepResNet         seed
-    32x32    4,320   2.9%      4,320   2.9%      7,696   5.1%
-    16x16   66,688  44.4%     26,256  17.7%     52,000  34.5%
-    8x8     77,952  51.9%     49,696  33.6%     42,848  28.5%
-    4x4          0             65,728  44.4%     38,048  25.3%
-    (2x2 and the head: the rest)
-    MACs    23.2 M            14.7 M            24.2 M
+    map       MixGateNet        SepResNet         seed
+    32x32      4,416   3.0%      4,320   2.9%      7,696   5.1%
+    16x16     63,728  43.6%     26,256  17.7%     52,000  34.5%
+    8x8       77,056  52.7%     49,696  33.6%     42,848  28.5%
+    4x4            -            65,728  44.4%     38,048  25.3%
+    2x2            -                 -             9,344   6.2%
+    head       1,050   0.7%      1,930   1.3%        640   0.4%
+    MACs      25.2 M (64% at 16x16)  14.7 M       24.2 M
 
 Receptive field along the longest path (the dilated half of every unit, no shortcut):
     3 (stem) +4 (d2) +2 (s2) | +8 (d2) +12 (d3) +12 (d3) +4 (s2) | +24 (d3) | +24 (d3) = 93
