@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# What issue 16 still needs from a GPU, in one run bounded by DEADLINE (a `date +%s` value;
-# default: 9 minutes from now), finished or not. Logs go to $OUT/recipes/ and come back
-# packed in $OUT/recipes.tgz (the device returns only a handful of files).
+# What issue 16 (or, with SET=mixgate, issue 30's MixGateNet) still needs from a GPU, in one
+# run bounded by DEADLINE (a `date +%s` value; default: 9 minutes from now), finished or not.
+# Logs go to $OUT/recipes/ and come back packed in $OUT/recipes.tgz (the device returns only
+# a handful of files).
 #
-#   bash benchmarks/gpu_recipes.sh [DATA_DIR]      # on the lent machine: carry .dev (gpu_env.sh)
+#   bash benchmarks/gpu_recipes.sh [DATA_DIR] [SET]   # on the lent machine: carry .dev (gpu_env.sh)
+#                                                     # SET: issue16 (default) or mixgate
 #   SPEED_ARGS="--quick --set train.cuda_graph=false" RECIPE_OVERRIDES="data.source=fake data.fake_size=128 \
 #     data.val_size=0 train.epochs=1 augment.plain_last_epochs=0 train.batch_size=64 train.tta_flip=false" \
 #     bash benchmarks/gpu_recipes.sh               # a dry run of the script (CPU is fine)
@@ -21,7 +23,16 @@
 #      with the captured step too where it worked.
 # 3. When the candidates are done: the best mean validation accuracy over the two seeds,
 #    10 epochs on the test split, seeds 0 and 1 (>= 85% in 10 epochs?).
-# Run once on an H200 (docs/results.md, "Device run 3"). SepResNet's runs are bound by the
+# SET=mixgate (issue 30 item 4; not yet run on a GPU): MixGateNet's pace against SepResNet's
+# and the seed net's, then its two recipes beside SepResNet's on the same shared GPU:
+# 1. benchmarks/model_speed.py, eager at batch 512 and captured at 512 and 128, for
+#    fast85_gpu, sep_resnet10 and mixgate10 (at 512 and at its own 128);
+# 2. at once: configs/mixgate10.yaml and configs/sep_resnet10_lightaug.yaml (the same recipe,
+#    the other net) on the validation carve, seeds 0 and 1; configs/mixgate100.yaml on the
+#    test split, seeds 0 and 1 (against sep_resnet100's 88.3-88.4%), with the captured step
+#    where step 1 captured MixGateNet. Accuracy against time: benchmarks/plot_runs.py on the
+#    training_log.md files it brings back, at the captured images/s of step 1.
+# The issue16 set ran once on an H200 (docs/results.md, "Device run 3"). SepResNet's runs are bound by the
 # chip's work, not by launching kernels: together they get about 58,000 images/s whatever
 # their number, so all of the above is about 17 M images, 5 minutes of the GPU. There the
 # two speed steps took 190 s (the eager one at batch 128 ran out of time) and the deadline
@@ -29,6 +40,8 @@
 set -uo pipefail
 export OUT=${OUT:-/tmp/gpu_check}
 DATA=${1:-/tmp/cifar10-jpeg}
+SET=${2:-issue16}
+case "$SET" in issue16|mixgate) ;; *) echo "gpu_recipes.sh: unknown set '$SET'; give issue16 or mixgate" >&2; exit 2;; esac
 DEADLINE=${DEADLINE:-$(( $(date +%s) + 540 ))}
 LOGS="$OUT/recipes"
 mkdir -p "$LOGS"
@@ -62,7 +75,49 @@ python3 -c "
 from cifar_ddp.config import load_config; from cifar_ddp.data.sources import load_dataset
 load_dataset(load_config('configs/sep_resnet10.yaml', ['data.root=$DATA']).data)" > "$LOGS/cache.log" 2>&1 &
 cache_pid=$!
-mark "set-up done"
+mark "set-up done (set $SET)"
+
+pack() {  # every run's per-epoch log beside the console logs, then one archive
+  for run in /tmp/runs/*/; do cp "$run/training_log.md" "$LOGS/$(basename "$run").training_log.md" 2>/dev/null; done
+  cp "$LOGS/summary.txt" "$OUT/recipes_summary.txt"
+  (cd "$OUT" && python3 -m tarfile -c recipes.tgz recipes)
+}
+
+if [ "$SET" = mixgate ]; then
+  speed=(--repeats 2 --timed-images 25600 --warmup-images 10240 --images 10240
+         --recipe fast85_gpu=configs/fast85_gpu.yaml --recipe sep_resnet10=configs/sep_resnet10.yaml
+         --recipe mixgate_b512=configs/mixgate10.yaml:train.batch_size=512)
+  # shellcheck disable=SC2206  # SPEED_ARGS is words on purpose
+  speed+=(${SPEED_ARGS:-})
+  timeout 100 python3 benchmarks/model_speed.py "${speed[@]}" > "$LOGS/speed_eager.log" 2>&1
+  echo "speed, eager: exit $? | $(tail -n 1 "$LOGS/speed_eager.log")" | tee -a "$LOGS/summary.txt"
+  speed+=(--recipe sep_resnet10_b128=configs/sep_resnet10.yaml:train.batch_size=128 --recipe mixgate10=configs/mixgate10.yaml)
+  captured_step=""
+  if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    timeout 150 python3 benchmarks/model_speed.py "${speed[@]}" --set train.cuda_graph=true > "$LOGS/speed_graph.log" 2>&1
+    status=$?
+    echo "speed, cuda_graph: exit $status | $(tail -n 1 "$LOGS/speed_graph.log")" | tee -a "$LOGS/summary.txt"
+    [ "$status" -eq 0 ] && captured_step="train.cuda_graph=true"
+  fi
+  wait "$cache_pid"; mark "data cache built (exit $?)"
+  for seed in 0 1; do
+    train "mixgate100_s$seed" configs/mixgate100.yaml seed=$seed $captured_step
+    train "val_mixgate10_s$seed" configs/mixgate10.yaml data.val_size=5000 seed=$seed $captured_step
+    train "val_sep_resnet10_lightaug_s$seed" configs/sep_resnet10_lightaug.yaml data.val_size=5000 seed=$seed \
+      $captured_step
+  done
+  wait
+  mark "all runs ended"
+  for name in val_mixgate10 val_sep_resnet10_lightaug; do
+    echo "$name: val accuracy seeds 0, 1: $(accuracy "${name}_s0") $(accuracy "${name}_s1")" | tee -a "$LOGS/summary.txt"
+  done
+  for seed in 0 1; do
+    echo "mixgate100_s$seed: final accuracy $(accuracy "mixgate100_s$seed"); last epoch line:" \
+      "$(grep '^epoch' "$LOGS/mixgate100_s$seed.log" | tail -n 1)" | tee -a "$LOGS/summary.txt"
+  done
+  pack
+  exit 0
+fi
 
 # 1. Pace, the GPU to itself. Each measurement is seconds; the limits only stop a hang.
 speed=(--repeats 2 --timed-images 25600 --warmup-images 10240 --images 10240
@@ -132,6 +187,4 @@ for log in "$LOGS"/sep_resnet100_s*.log "$LOGS"/test_*.log; do
   echo "$name: final accuracy $(accuracy "$name"); last epoch line: $(grep '^epoch' "$log" | tail -n 1)" \
     | tee -a "$LOGS/summary.txt"
 done
-for run in /tmp/runs/*/; do cp "$run/training_log.md" "$LOGS/$(basename "$run").training_log.md" 2>/dev/null; done
-cp "$LOGS/summary.txt" "$OUT/recipes_summary.txt"
-(cd "$OUT" && python3 -m tarfile -c recipes.tgz recipes)
+pack

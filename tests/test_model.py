@@ -71,7 +71,7 @@ def test_widths_and_dropout_come_from_config():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("model.name=resnet", "unknown model.name 'resnet'; registered: seed, sep_resnet"),
+    ("model.name=resnet", "unknown model.name 'resnet'; registered: mixgate, seed, sep_resnet"),
     ("model.widths=[16,32]", "model.widths is [16, 32]; seed takes 3 positive channel counts (narrow, middle, "
                              "wide), e.g. [16, 32, 64]"),
     ("model.widths=[16,0,64]", "model.widths is [16, 0, 64]"),

@@ -36,7 +36,7 @@ def example_module():
 
 
 def test_builtin_models_are_registered_entries_with_their_settings():
-    assert registered_names() == ("seed", "sep_resnet")
+    assert registered_names() == ("mixgate", "seed", "sep_resnet")
     seed, sep = resolve("seed"), resolve("sep_resnet")
     assert (seed.default_widths, seed.residual, seed.cam_layer) == ([16, 32, 64], False, "c4")
     assert (sep.default_widths, sep.residual, sep.cam_layer) == ([48, 96, 128, 192], True, "c4")

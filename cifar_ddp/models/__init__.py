@@ -17,6 +17,7 @@ from .references import is_reference, require_named, resolve
 from .registry import ModelEntry, register_model, registered_names
 
 # Importing the built-in networks registers them (each module decorates its class).
+from .mixgate import MixGateNet  # noqa: E402
 from .seed import SeedNet  # noqa: E402
 from .sep_resnet import SepResNet  # noqa: E402
 
