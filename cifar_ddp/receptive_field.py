@@ -25,7 +25,7 @@ from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .errors import UserError
 from .layer_trace import TracedLayer, trace_layers
@@ -113,7 +113,15 @@ class _LeafModuleTracer(torch.fx.Tracer):
 
 def _spatial_size(node: torch.fx.Node) -> Optional[Tuple[int, int]]:
     meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
+    if isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata):  # (a NamedTuple itself)
+        # torch.chunk / split: a tuple of maps, each as large as the input (its pieces are
+        # taken out by getitem nodes). Maps of different sizes have no one size.
+        sizes = {_shape_size(getattr(part, "shape", None)) for part in meta}
+        return sizes.pop() if len(sizes) == 1 else None
+    return _shape_size(getattr(meta, "shape", None))
+
+
+def _shape_size(shape) -> Optional[Tuple[int, int]]:
     return (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) == 4 else None
 
 

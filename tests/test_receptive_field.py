@@ -214,3 +214,27 @@ def test_the_printed_table_holds_each_layers_geometry_as_hand_worked():
     assert rows["Conv2d-5"] == ["3", "2", "5", "1", "2", "1", "7", "32x32"]
     assert rows["Conv2d-9"][6] == "9" and rows["Conv2d-10"][:3] == ["1", "1", "1"] and rows["Conv2d-10"][6] == "9"
     assert [line.split()[0] for line in lines[2:-1]] == [r.layer for r in report.rows]
+
+
+class ChunkToy(nn.Module):
+    """The channels split in two (torch.chunk, a tuple-valued node) and each half through its
+    own 3x3, then joined: 1 + 2 (stem) + 2 (either half) + 2 (after the join) = 7. The graph
+    walk once took the tuple for global pooling and reported the stem's 3."""
+
+    def __init__(self, split: str):
+        super().__init__()
+        self.split = split
+        self.stem, self.left, self.right, self.head = conv(3, 4), conv(2, 2), conv(2, 2, d=2), conv(4, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1) if self.split == "chunk" else torch.split(x, 2, dim=1)
+        return self.head(torch.cat([self.left(a), self.right(b)], dim=1))
+
+
+@pytest.mark.parametrize("split", ["chunk", "split"])
+def test_a_channel_split_keeps_the_paths_through_each_piece(split):
+    # The dilated half is the longer path: 3 (stem) + 4 (3x3, d=2) + 2 (head) = 9.
+    report = receptive_field(ChunkToy(split), (3, 48, 48))
+    assert report.receptive_field == 9
+    assert gradient_extent(positive(ChunkToy(split)), 48) == 9
