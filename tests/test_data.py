@@ -287,7 +287,11 @@ def test_channel_std_is_over_all_pixels_not_a_mean_of_per_image_stds(tmp_path: P
     assert min(data.stats.std) > 0.1
 
 
-def test_channel_stats_equal_a_float64_computation_on_random_images():
+@pytest.mark.parametrize("block_pixels", [1 << 20, 1000, 37 * 1024])   # one block; many, the last partial; exact fit
+def test_channel_stats_equal_a_float64_computation_on_random_images(block_pixels, monkeypatch):
+    from cifar_ddp.data import sources
+
+    monkeypatch.setattr(sources, "_STATS_BLOCK_PIXELS", block_pixels)
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)
     images[:5, :, :, 1] = 255          # a skewed channel

@@ -59,16 +59,24 @@ class DatasetArrays:
     stats: ChannelStats
 
 
+_STATS_BLOCK_PIXELS = 1 << 20     # 3 MB of uint8, 8 MB as int64 per channel
+
+
 def channel_stats(images: np.ndarray) -> ChannelStats:
     """Per-channel mean and std over all pixels of a uint8 NHWC array, from each channel's
     histogram of the 256 values: the sums are exact integers (no float64 copy of the
     images, 1.2 GB and 10 s for CIFAR-10's training set), and so is the variance until its
-    one final division."""
+    one final division. Counted a block of pixels at a time: bincount converts its input to
+    int64 first, 410 MB per channel of the whole training set (4x slower here)."""
     pixels = images.reshape(-1, images.shape[-1])
+    histograms = np.zeros((pixels.shape[1], 256), dtype=np.int64)
+    for start in range(0, len(pixels), _STATS_BLOCK_PIXELS):
+        block = pixels[start:start + _STATS_BLOCK_PIXELS]
+        for channel in range(pixels.shape[1]):
+            histograms[channel] += np.bincount(block[:, channel], minlength=256)
     values = np.arange(256, dtype=np.int64)
     means, stds = [], []
-    for channel in range(pixels.shape[1]):
-        counts = np.bincount(pixels[:, channel], minlength=256).astype(np.int64)
+    for counts in histograms:
         n, s1, s2 = int(counts.sum()), int(counts @ values), int(counts @ (values * values))
         means.append(s1 / (255.0 * n))
         stds.append(math.sqrt((s2 * n - s1 * s1) / (255.0 * 255.0 * n * n)))
