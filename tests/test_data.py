@@ -1,4 +1,5 @@
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ def _cut_short(path: Path) -> None:      # a file shorter than its header says
 def _fewer_images(path: Path) -> None:   # a consistent cache (checksum and all) of one image fewer
     images = np.load(path)[:-1]
     np.save(path, images)
-    path.with_suffix(".crc32").write_text(str(__import__("zlib").crc32(images)))
+    path.with_suffix(".crc32").write_text(str(zlib.crc32(images)))
 
 
 def _flip_a_pixel(path: Path) -> None:   # same size, same header, one byte of one pixel changed
