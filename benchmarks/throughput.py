@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -127,6 +128,14 @@ def compiled_overrides() -> list:
     return ["train.compile=true"] + (["train.cuda_graph=true"] if torch.cuda.is_available() else [])
 
 
+def compiled_skip_reason(args: argparse.Namespace, cuda: bool) -> str:
+    if args.quick and not cuda:
+        # Compiling on a CPU takes minutes (past 5 on a loaded 2-core machine): --quick
+        # would not be quick. Without --quick it is measured.
+        return "--quick on a CPU (inductor compiles for minutes); run without --quick to measure it"
+    return ""
+
+
 def ddp_skip_reason() -> str:
     if torch.cuda.is_available() and torch.cuda.device_count() < 2:
         return f"only {torch.cuda.device_count()} GPU here; DDP over 2 ranks needs 2"
@@ -144,15 +153,17 @@ def measure_ddp(args: argparse.Namespace) -> float:
     return json.loads(line)["images_per_s"]
 
 
-def main() -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line, with the defaults --quick changes filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="fewer steps, and no compiled path on a CPU: a few minutes at most")
+                        help="8 timed steps per path after 2-4 untimed on 1024 fake images, and no compiled "
+                             "path on a CPU: a few minutes at most")
     parser.add_argument("--batch-size", type=int, default=256, help="per process (default %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     parser.add_argument("--images", type=int, default=None,
-                        help="fake images when no --data-root (default 8192; 2048 with --quick)")
+                        help="fake images when no --data-root (default 8192; 1024 with --quick)")
     parser.add_argument("--data-root", default="", help="an image-folder tree (data.source=folder)")
     parser.add_argument("--naive-workers", type=int, default=os.cpu_count() or 2,
                         help="DataLoader workers of the naive path (default: one per core, %(default)s here)")
@@ -161,16 +172,22 @@ def main() -> None:
     parser.add_argument("--skip", action="append", default=[], choices=["naive", "compiled", "ddp"],
                         help="leave a path out (its ratio then prints as skipped)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 8 if args.quick else 60
     if args.images is None:
-        args.images = 2048 if args.quick else 8192
+        # Each window is whole epochs (an epoch is augmented at its start): with --quick,
+        # 4 steps an epoch (2 per rank under DDP), so the warm-up rounds up to 4 steps, not 8.
+        args.images = 1024 if args.quick else 8192
     if args.warmup is None:
         # The first steps of a process pay for allocator growth and kernel selection;
         # 20 steps get past that, so the figure is closer to a real epoch's speed.
         args.warmup = 2 if args.quick else 20
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     if args.worker:  # inside torchrun: measure and report from rank 0
         result = measure_cifar_ddp(args)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -188,11 +205,9 @@ def main() -> None:
         naive = measure_naive(args)
         print(f"(1) naive baseline (albumentations DataLoader, fp32): {naive:10.1f} images/s", flush=True)
         ratios["speedup_vs_naive"] = f"{default / naive:.2f}"
-    if "compiled" not in args.skip and args.quick and not torch.cuda.is_available():
-        # Compiling on a CPU takes minutes (past 5 on a loaded 2-core machine): --quick
-        # would not be quick. Without --quick it is measured.
-        print("(3) compiled skipped: --quick on a CPU (inductor compiles for minutes); run without --quick "
-              "to measure it", flush=True)
+    compiled_skipped = compiled_skip_reason(args, torch.cuda.is_available())
+    if "compiled" not in args.skip and compiled_skipped:
+        print(f"(3) compiled skipped: {compiled_skipped}", flush=True)
     elif "compiled" not in args.skip:
         extra = compiled_overrides()
         compiled = measure_cifar_ddp(args, extra)

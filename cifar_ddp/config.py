@@ -202,6 +202,15 @@ class TrainConfig:
     # after the last epoch, and also every this many epochs (0 = the last only) - of the
     # epochs that are scored (see eval_every_epochs).
     figures_every_epochs: int = 0
+    # Write TensorBoard events (tensorboard/: scalars, pictures, hparams); false: none,
+    # and torch.utils.tensorboard is never imported - the console, training_log.md and
+    # the final line are the same. Speed recipes turn it off.
+    tensorboard: bool = True
+    # Draw the end-of-run pictures: curves.png and (with tensorboard) the TensorBoard
+    # figures above; false: neither, and matplotlib is never imported during the run
+    # (`cifar-ddp evaluate --report` draws the confusion matrix, mistakes and Grad-CAM
+    # from the checkpoint afterwards; the curves' numbers are in training_log.md).
+    figures: bool = True
     # Evaluate every this many epochs, and always after the last one (speed recipes: a
     # large number, so only the end is evaluated; best.pt is then the last evaluated).
     eval_every_epochs: int = 1

@@ -49,20 +49,27 @@ class SilentLogger(RunLogger):
 
 
 class MainLogger(RunLogger):
-    """TensorBoard events + training_log.md + console, under out_dir."""
+    """TensorBoard events + training_log.md + console, under out_dir. Without
+    `tensorboard` there is no SummaryWriter (torch.utils.tensorboard is not even imported);
+    without `figures`, no curves.png (nor matplotlib). What the console and
+    training_log.md say is the same either way."""
 
     # Without a terminal (a cluster's log file), a progress line this often inside an epoch.
     PROGRESS_EVERY_SECONDS = 30.0
 
-    def __init__(self, out_dir: Path, progress_bar: bool = True, eval_split: str = "test") -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, out_dir: Path, progress_bar: bool = True, eval_split: str = "test",
+                 tensorboard: bool = True, figures: bool = True) -> None:
         self.out_dir = out_dir
         # "val" when data.val_size carves the evaluation images out of the training split:
         # a recipe tuned on those must not be reported as a test figure.
         self.eval_split = eval_split
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self.draws_figures = figures
         self.markdown = out_dir / "training_log.md"
         # A bar on a terminal; in a log file a bar's redraws are noise: lines instead.
         self.progress_bar = progress_bar and sys.stderr.isatty()
@@ -79,8 +86,9 @@ class MainLogger(RunLogger):
     def start(self, cfg_dict: Dict[str, Any], info: Dict[str, Any],
               history: Sequence[Dict[str, Any]] = ()) -> None:
         atomic_write(self.out_dir / "config.json", json.dumps(cfg_dict, indent=2).encode())
-        self.writer.add_text("config", "```\n" + json.dumps(cfg_dict, indent=2) + "\n```")
-        self.writer.add_custom_scalars(self._overlaid_charts())
+        if self.writer is not None:
+            self.writer.add_text("config", "```\n" + json.dumps(cfg_dict, indent=2) + "\n```")
+            self.writer.add_custom_scalars(self._overlaid_charts())
         self.message(" | ".join(f"{k}: {v}" for k, v in info.items()))
         # A resumed run keeps the header of the run it continues (its launch facts),
         # and its rows are rebuilt from the checkpoint's history: a crash between
@@ -133,12 +141,15 @@ class MainLogger(RunLogger):
             self._bar = None
 
     def step(self, global_step: int, scalars: Dict[str, float]) -> None:
-        for name, value in scalars.items():
-            self.writer.add_scalar(self._tag(name), value, global_step)
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(self._tag(name), value, global_step)
         if self._bar is not None:
             self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
 
     def images(self, tag: str, batch: torch.Tensor, global_step: int) -> None:
+        if self.writer is None:
+            return
         from torchvision.utils import make_grid
 
         grid = make_grid(batch.float(), nrow=8, normalize=True, scale_each=True)
@@ -146,11 +157,12 @@ class MainLogger(RunLogger):
 
     def epoch(self, epoch: int, total_epochs: int, row: Dict[str, Any]) -> None:
         step = row["global_step"]
-        for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr",
-                     "throughput/images_per_s", "test/accuracy_tta", "skipped_steps", "scaler_skipped_steps"):
-            if name in row:
-                self.writer.add_scalar(self._tag(name), row[name], step)
-        self.writer.flush()
+        if self.writer is not None:
+            for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr",
+                         "throughput/images_per_s", "test/accuracy_tta", "skipped_steps", "scaler_skipped_steps"):
+                if name in row:
+                    self.writer.add_scalar(self._tag(name), row[name], step)
+            self.writer.flush()
         self._md_rows.append(_markdown_row(epoch, row))
         self._write_markdown()
         tta = f" (flip-TTA {100 * row['test/accuracy_tta']:.2f}%)" if "test/accuracy_tta" in row else ""
@@ -175,7 +187,10 @@ class MainLogger(RunLogger):
     def figures(self, global_step: int, classes: Sequence[str], confusion, mistakes, images, labels,
                 probabilities) -> None:
         """TensorBoard pictures of an evaluation: the confusion matrix, the most confident
-        mistakes with their labels, and one precision-recall curve per class."""
+        mistakes with their labels, and one precision-recall curve per class (none without
+        TensorBoard or figures)."""
+        if self.writer is None or not self.draws_figures:
+            return
         from . import report
 
         self.writer.add_figure(self._tag("test/confusion_matrix"), report.plot_confusion(confusion, classes),
@@ -190,13 +205,14 @@ class MainLogger(RunLogger):
 
     def finish(self, hparams: Dict[str, Any], final: Dict[str, float],
                history: Sequence[Dict[str, Any]] = ()) -> None:
-        self._write_hparams(hparams)
+        if self.writer is not None:
+            self._write_hparams(hparams)
+            self.writer.flush()
+            self.writer.close()
         final = {self._final_name(k): v for k, v in final.items()}
-        self.writer.flush()
-        self.writer.close()
         self._footer = "\n" + "".join(f"- final {k}: {v:.4f}\n" for k, v in final.items())
         self._write_markdown(self._footer)
-        if history:
+        if history and self.draws_figures:
             from . import report
 
             # For people without TensorBoard: the run's curves as one picture.
@@ -355,8 +371,9 @@ def _markdown_row(epoch: int, row: Dict[str, Any]) -> str:
             f"{scored} | {row['epoch_seconds']:.1f} | {row['throughput/images_per_s']:.0f} |\n")
 
 
-def make_logger(is_main: bool, out_dir: Path, progress_bar: bool = True, eval_split: str = "test") -> RunLogger:
-    return MainLogger(out_dir, progress_bar, eval_split) if is_main else SilentLogger()
+def make_logger(is_main: bool, out_dir: Path, progress_bar: bool = True, eval_split: str = "test",
+                tensorboard: bool = True, figures: bool = True) -> RunLogger:
+    return MainLogger(out_dir, progress_bar, eval_split, tensorboard, figures) if is_main else SilentLogger()
 
 
 __all__ = ["RunLogger", "SilentLogger", "MainLogger", "ProgressLines", "make_logger", "run_hparams", "preview_indices",

@@ -121,7 +121,8 @@ class Trainer:
         self.meter: Optional[EpochMeter] = None      # the epoch in progress
 
         self.logger = logger if logger is not None else make_logger(
-            ctx.is_main, self.out_dir, options.progress_bar, eval_split=eval_split(cfg))
+            ctx.is_main, self.out_dir, options.progress_bar, eval_split=eval_split(cfg),
+            tensorboard=options.tensorboard, figures=options.figures)
         self.stop = StopSignal()
         self.signals_received: Dict[int, int] = {}
         self.last_eval: Optional[EvalResult] = None
@@ -142,7 +143,7 @@ class Trainer:
         if mixing_enabled(cfg.augment):
             info["train accuracy"] = "against each mixed image's dominant label (mixup/CutMix on)"
         self.logger.start(cfg.to_dict(), info, history=state.history)
-        if state.global_step == 0 and ctx.is_main:
+        if state.global_step == 0 and ctx.is_main and self.options.tensorboard:   # a TensorBoard picture
             self.logger.images("train/augmented", augmented_preview(data, cfg), 0)
         if self.resume_path is None and resume.requested(cfg, ctx) == "auto":
             self.logger.message(f"train.resume=auto: no checkpoint in {ckpt.checkpoint_dir(self.out_dir)} yet; "
@@ -293,8 +294,10 @@ class Trainer:
         """The evaluation split's loss and accuracy (and flip-TTA's, from the same passes)."""
         t, ctx, state = self.options, self.ctx, self.state
         eval_model = self.ema.module if self.ema is not None else self.model
-        # The last epoch, and every figures_every_epochs, also draws pictures (TensorBoard).
-        draw = state.epoch == t.epochs or (t.figures_every_epochs and state.epoch % t.figures_every_epochs == 0)
+        # The last epoch, and every figures_every_epochs, also draws pictures (TensorBoard's:
+        # none to draw without it or with train.figures off). Decided on every rank alike.
+        draw = t.tensorboard and t.figures and (
+            state.epoch == t.epochs or (t.figures_every_epochs and state.epoch % t.figures_every_epochs == 0))
         with self.clock.phase("evaluation"):
             # At the training batch (an image and its mirror in one batch with TTA): a new
             # batch size would make cuDNN autotune every convolution again.

@@ -1,4 +1,5 @@
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ def test_folder_source_reads_every_image_with_labels(image_folder: Path):
 def test_folder_source_reads_jpeg_and_caches(tmp_path: Path):
     root = make_image_folder(tmp_path / "jpg", suffix=".jpg")
     first = load_dataset(folder_cfg(root))
-    caches = sorted((root / ".cifar_ddp_cache").glob("*.npz"))
-    assert [p.name.split("-")[0] for p in caches] == ["test", "train"]
+    caches = sorted(p.name.split("-")[0] + p.suffix for p in (root / ".cifar_ddp_cache").iterdir())
+    assert caches == ["test.crc32", "test.npy", "train.crc32", "train.npy"]
     second = load_dataset(folder_cfg(root))
     assert np.array_equal(first.train.images, second.train.images)
     # A changed file changes the fingerprint: the cache is rebuilt, not trusted.
@@ -36,6 +37,83 @@ def test_folder_source_reads_jpeg_and_caches(tmp_path: Path):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "cat" / "0000.jpg")
     third = load_dataset(folder_cfg(root))
     assert not np.array_equal(first.train.images, third.train.images)
+
+
+def decoded_with_pil(root: Path, split: str) -> np.ndarray:
+    """The split's images decoded here, independently of the cache: class by class, files by name."""
+    from PIL import Image
+
+    files = sorted((root / split).glob("*/*.jpg"), key=lambda p: (CIFAR10_CLASSES.index(p.parent.name), p.name))
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
+
+
+def test_cached_images_are_memory_mapped_and_equal_a_fresh_decode_bitwise(tmp_path: Path):
+    import warnings
+
+    import torch
+
+    root = make_image_folder(tmp_path / "jpg", suffix=".jpg")
+    cache = tmp_path / "cache"
+    fresh = load_dataset(folder_cfg(root, cache_dir=str(cache)))        # decodes, writes the cache
+    cached = load_dataset(folder_cfg(root, cache_dir=str(cache)))       # maps the cache
+    for split in ("train", "test"):
+        reference = decoded_with_pil(root, split)
+        for data in (fresh, cached):
+            images = getattr(data, split).images
+            assert images.dtype == np.uint8 and np.array_equal(images, reference)
+        mapped = getattr(cached, split).images
+        assert isinstance(mapped, np.memmap) and Path(mapped.filename).parent == cache
+        assert getattr(cached, split).labels.tolist() == [c for c in range(10) for _ in range(3)]
+    assert cached.stats == fresh.stats
+    # Copy-on-write: torch takes the array without a copy or a warning, and a write stays
+    # in this process - the file, and the next run's images, are unchanged.
+    mapped = cached.train.images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = torch.from_numpy(mapped)
+    tensor[0] = 0
+    assert mapped[0].max() == 0
+    assert np.array_equal(load_dataset(folder_cfg(root, cache_dir=str(cache))).train.images, fresh.train.images)
+
+
+def _cut_short(path: Path) -> None:      # a file shorter than its header says
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _fewer_images(path: Path) -> None:   # a consistent cache (checksum and all) of one image fewer
+    images = np.load(path)[:-1]
+    np.save(path, images)
+    path.with_suffix(".crc32").write_text(str(zlib.crc32(images)))
+
+
+def _flip_a_pixel(path: Path) -> None:   # same size, same header, one byte of one pixel changed
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"not an array at all")
+
+
+def _no_checksum(path: Path) -> None:    # the crash between writing the images and their checksum
+    path.with_suffix(".crc32").unlink()
+
+
+@pytest.mark.parametrize("damage", [_cut_short, _fewer_images, _flip_a_pixel, _garbage, _no_checksum],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_a_damaged_cache_is_rebuilt_not_trusted(tmp_path: Path, damage):
+    root = make_image_folder(tmp_path / "jpg", suffix=".jpg")
+    cfg = folder_cfg(root, cache_dir=str(tmp_path / "cache"))
+    load_dataset(cfg)
+    [cache] = (tmp_path / "cache").glob("train-*.npy")
+    damage(cache)
+    reference = decoded_with_pil(root, "train")
+    rebuilt = load_dataset(cfg)
+    assert rebuilt.train.images.shape == reference.shape and np.array_equal(rebuilt.train.images, reference)
+    assert not isinstance(rebuilt.train.images, np.memmap)          # decoded again ...
+    again = load_dataset(cfg).train.images                            # ... and the cache written anew
+    assert isinstance(again, np.memmap) and np.array_equal(again, reference)
 
 
 def test_missing_root(tmp_path: Path):
@@ -210,7 +288,11 @@ def test_channel_std_is_over_all_pixels_not_a_mean_of_per_image_stds(tmp_path: P
     assert min(data.stats.std) > 0.1
 
 
-def test_channel_stats_equal_a_float64_computation_on_random_images():
+@pytest.mark.parametrize("block_pixels", [1 << 20, 1000, 37 * 1024])   # one block; many, the last partial; exact fit
+def test_channel_stats_equal_a_float64_computation_on_random_images(block_pixels, monkeypatch):
+    from cifar_ddp.data import sources
+
+    monkeypatch.setattr(sources, "_STATS_BLOCK_PIXELS", block_pixels)
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)
     images[:5, :, :, 1] = 255          # a skewed channel

@@ -15,7 +15,7 @@ from cifar_ddp.data.sources import ChannelStats, DatasetArrays, ImageSplit
 from cifar_ddp.data.transforms import normalize_batch
 from cifar_ddp.loggers import MainLogger, ProgressLines, augmented_preview, preview_indices, run_hparams
 
-from conftest import REPO, job_env, train_in_process
+from conftest import JOB_TIMEOUT_S, REPO, job_env, tiny_overrides, train_in_process
 
 
 def _events(directory: Path):
@@ -186,3 +186,88 @@ def test_importing_the_trainer_does_not_load_matplotlib():
                           cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+# Runs tiny trainings one after another in one fresh interpreter and lists, after each,
+# which of the optional modules it has imported so far.
+_RUNS_AND_THEIR_IMPORTS = """
+import json, sys
+from cifar_ddp.config import load_config
+from cifar_ddp.distributed import DistContext
+from cifar_ddp.trainer import run
+report = []
+for overrides in json.loads(sys.argv[1]):
+    result = run(load_config(None, overrides), DistContext())
+    report.append({"final": {k: result[k] for k in ("test_accuracy", "test_loss", "train_accuracy", "replica_digests")},
+                   "imported": [m for m in ("torch.utils.tensorboard", "matplotlib") if m in sys.modules]})
+print(json.dumps(report))
+"""
+
+
+def _table_without_times(markdown: str) -> list:
+    """training_log.md's epoch rows, less the time and images/s columns (all a rerun changes)."""
+    rows = [line.split("|")[1:-3] for line in markdown.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert rows, markdown
+    return rows
+
+
+def test_tensorboard_and_figures_off_are_not_even_imported_and_change_no_number(tmp_path: Path):
+    import json
+
+    runs = {"neither": ("false", "false"), "tensorboard": ("true", "false"), "figures": ("false", "true")}
+    overrides = [tiny_overrides(tmp_path / name, **{"model.widths": "[8,16,32]", "train.tensorboard": tb,
+                                                    "train.figures": figures, "train.log_every_steps": 2})
+                 for name, (tb, figures) in runs.items()]
+    done = subprocess.run([sys.executable, "-c", _RUNS_AND_THEIR_IMPORTS, json.dumps(overrides)], cwd=REPO,
+                          env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    neither, tensorboard, figures = json.loads(done.stdout.splitlines()[-1])
+    # Each key's both branches: off is not imported at all, on is (in the order run).
+    assert neither["imported"] == []
+    assert tensorboard["imported"] == ["torch.utils.tensorboard"]
+    assert figures["imported"] == ["torch.utils.tensorboard", "matplotlib"]
+    present = {name: {p.name for p in (tmp_path / name).iterdir()} for name in runs}
+    assert present["neither"] == {"checkpoints", "config.json", "training_log.md"}
+    assert present["tensorboard"] == present["neither"] | {"tensorboard"}
+    assert present["figures"] == present["neither"] | {"curves.png"}
+    # With TensorBoard but no figures: the scalars and the augmented preview, no evaluation pictures.
+    events = _events(tmp_path / "tensorboard" / "tensorboard")
+    assert {"test/accuracy", "train/step_loss"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["train/augmented"]
+    # The same run in every case (same seed): the same weights, metrics and log table.
+    assert neither["final"] == tensorboard["final"] == figures["final"]
+    tables = [_table_without_times((tmp_path / name / "training_log.md").read_text()) for name in runs]
+    assert tables[0] == tables[1] == tables[2] and len(tables[0]) == 2
+    for name in runs:
+        assert "## Where the wall time went" in (tmp_path / name / "training_log.md").read_text()
+
+
+def test_figures_on_draw_the_evaluation_pictures_into_tensorboard(tmp_path: Path):
+    train_in_process(tmp_path / "run", **{"model.widths": "[8,16,32]", "train.epochs": 1, "data.fake_size": 32})
+    images = set(_events(tmp_path / "run" / "tensorboard").Tags()["images"])
+    assert {"train/augmented", "test/confusion_matrix", "test/most_confident_mistakes"} <= images
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("tensorboard, figures, drawn", [("true", "true", True), ("true", "false", False),
+                                                         ("false", "true", False)])
+def test_the_trainer_draws_evaluation_figures_only_with_tensorboard_and_figures_on(tmp_path: Path, tensorboard,
+                                                                                   figures, drawn):
+    """Off, the trainer does not even ask for them: no probabilities pass, no mistakes kept."""
+    from cifar_ddp.distributed import DistContext
+    from cifar_ddp.loggers import RunLogger
+    from cifar_ddp.trainer import run
+
+    class Recorder(RunLogger):
+        def __init__(self):
+            self.figures_at = []
+
+        def figures(self, global_step, *drawn_from) -> None:
+            self.figures_at.append(global_step)
+
+    recorder = Recorder()
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"model.widths": "[8,16,32]", "train.epochs": 1,
+                                                        "data.fake_size": 32, "train.tensorboard": tensorboard,
+                                                        "train.figures": figures}))
+    run(cfg, DistContext(), logger=recorder)
+    assert recorder.figures_at == ([32 // 16] if drawn else [])     # at the last epoch's end
