@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from cifar_ddp.config import load_config  # noqa: E402
-from cifar_ddp.assembly import (build_optimization, build_step, build_training_model, load_data,  # noqa: E402
+from cifar_ddp.assembly import (build_optimization, build_step, build_training_model, configure_cudnn, load_data,  # noqa: E402
                                 step_options, train_batches)
 from cifar_ddp.data.loaders import AlbumentationsDataset  # noqa: E402
 from cifar_ddp.data.sources import load_dataset  # noqa: E402
@@ -96,10 +96,9 @@ def measure_cifar_ddp(args: argparse.Namespace, extra=()) -> float:
     ctx = init_distributed("auto")
     try:
         train, precision = step_options(cfg.train, ctx.device)
-        if ctx.device.type == "cuda":
-            torch.backends.cudnn.benchmark = train.cudnn_benchmark    # as the trainer sets it
+        configure_cudnn(train, ctx.device)    # as the trainer sets it
         model = build_training_model(cfg, ctx)
-        data = load_data(cfg, ctx)
+        data = load_data(cfg, ctx, model)
         batches = train_batches(cfg, train, data, ctx)
         step = build_step(model, build_optimization(model, train, precision, ctx, lr=0.05), train, precision, ctx)
 

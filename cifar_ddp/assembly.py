@@ -57,6 +57,14 @@ def class_names(cfg: Config) -> Tuple[str, ...]:
     return CIFAR10_CLASSES
 
 
+def configure_cudnn(train: TrainConfig, device: torch.device) -> None:
+    """cuDNN's autotuning as train.cudnn_benchmark(_limit) say (CUDA only): with fixed input
+    shapes it can try the convolution algorithms once and keep the fastest."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = train.cudnn_benchmark
+        torch.backends.cudnn.benchmark_limit = train.cudnn_benchmark_limit
+
+
 def build_training_model(cfg: Config, ctx: DistContext) -> nn.Module:
     """The network on this rank's device, with SyncBN and channels_last as configured."""
     model = build_model(cfg)
@@ -72,9 +80,12 @@ def build_training_model(cfg: Config, ctx: DistContext) -> nn.Module:
     return model
 
 
-def load_data(cfg: Config, ctx: DistContext) -> DatasetArrays:
+def load_data(cfg: Config, ctx: DistContext, model: nn.Module) -> DatasetArrays:
     """The training and evaluation splits. Rank 0 goes first, so only one process
-    downloads or decodes and fills the cache; the others then read it."""
+    downloads or decodes and fills the cache; the others then read it. What the network
+    takes from the data is set here too, so every caller (trainer, LR range test,
+    benchmarks) trains the same network: the whitening stem's filters (model.whiten_stem),
+    before the EMA, the lookahead and DDP copy the model."""
     if not ctx.is_main:
         ctx.barrier()
     try:
@@ -82,6 +93,7 @@ def load_data(cfg: Config, ctx: DistContext) -> DatasetArrays:
     finally:
         if ctx.is_main:
             ctx.barrier()
+    fit_whitening_stem(model, arrays, ctx)
     return arrays
 
 
@@ -90,12 +102,13 @@ def load_data(cfg: Config, ctx: DistContext) -> DatasetArrays:
 WHITENING_CHUNK = 512
 
 
-def fit_whitening_stem(model: nn.Module, data: DatasetArrays) -> None:
+def fit_whitening_stem(model: nn.Module, data: DatasetArrays, ctx: Optional[DistContext] = None) -> None:
     """model.whiten_stem: set the frozen stem's filters from the 2x2 patches of the training
     split (after the val carve), normalised as the network sees them. Called once the data
-    is loaded and before the EMA, the lookahead and DDP copy the model. Every rank computes
-    the same from the same images (DDP's start-up broadcast from rank 0 would settle any
-    difference in the last bit). A model without the stem is left as it is."""
+    is loaded (load_data), before the EMA, the lookahead and DDP copy the model. Every rank
+    sums the same images, and then takes rank 0's filters (`ctx`): a reduction order or an
+    eigensolver differing in the last bit would otherwise leave each rank's EMA and
+    lookahead copies of the frozen stem its own. A model without the stem is left as it is."""
     stems = whitening_stems(model)
     if not stems:
         return
@@ -109,6 +122,9 @@ def fit_whitening_stem(model: nn.Module, data: DatasetArrays) -> None:
     mean, covariance = moments.result()
     for stem in stems:
         stem.fit(mean, covariance)
+        if ctx is not None:
+            for tensor in (*stem.parameters(), *stem.buffers()):
+                ctx.broadcast_(tensor.data)
 
 
 def train_batches(cfg: Config, train: TrainConfig, data: DatasetArrays, ctx: DistContext) -> TrainBatches:
@@ -168,6 +184,6 @@ def build_step(model: nn.Module, optimization: Optimization, train: TrainConfig,
                      lookahead=optimization.lookahead)
 
 
-__all__ = ["Optimization", "build_optimization", "build_step", "build_training_model", "class_names", "eval_split",
-           "fit_whitening_stem", "load_data",
+__all__ = ["Optimization", "build_optimization", "build_step", "build_training_model", "class_names",
+           "configure_cudnn", "eval_split", "fit_whitening_stem", "load_data",
            "seed_everything", "step_options", "train_batches"]

@@ -53,6 +53,12 @@ class DistContext:
             dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank `src`'s values into `tensor` on every rank (in place)."""
+        if self.is_distributed:
+            dist.broadcast(tensor, src)
+        return tensor
+
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.clone()
         if self.is_distributed:

@@ -82,17 +82,18 @@ class Lookahead(nn.Module):
     def update(self, model: nn.Module, step: torch.Tensor, skip: Optional[torch.Tensor] = None) -> None:
         """After the optimizer's update of step `step` (a device integer: steps done, this
         one included, the count the LR schedule follows). `skip` (a bool tensor, the step's
-        update was masked) leaves the average and the model as they are; the step still
-        counts, as it does for the LR schedule, so the ramp and the every-k beat stay those
-        of the run."""
-        on_beat = step % self.every == 0
-        fires = on_beat | (step == self.total_steps)
+        update was masked) leaves the average and the model as they are, except that the
+        run's last step still copies the average in (the masked step changed no weight, so
+        the copy is the one the run would end on); the step still counts, as it does for the
+        LR schedule, so the ramp and the every-k beat stay those of the run."""
+        blends = step % self.every == 0
         if skip is not None:
-            fires = fires & ~skip
+            blends = blends & ~skip
+        fires = blends | (step == self.total_steps)
         progress = torch.clamp(step.to(torch.float64) / self.total_steps, max=1.0)
         ramped = (self.decay_per_update * progress ** 3).to(torch.float32)
-        # On the beat: the ramped share; the last step off the beat: 1 (copy back only).
-        keep = torch.where(fires & on_beat, ramped, torch.ones_like(ramped))
+        # On the beat: the ramped share; otherwise 1 (the last step: copy back only).
+        keep = torch.where(blends, ramped, torch.ones_like(ramped))
         averaged, current = _trained_pairs(self.module, model)
         _blend(averaged, current, keep)
         # model = (1 - take) * model + take * average with take 0 or 1: exactly one or the

@@ -19,8 +19,8 @@ from typing import List
 
 import numpy as np
 
-from .assembly import (build_optimization, build_step, build_training_model, load_data, seed_everything,
-                       step_options, train_batches)
+from .assembly import (build_optimization, build_step, build_training_model, configure_cudnn, load_data,
+                       seed_everything, step_options, train_batches)
 from .config import Config
 from .distributed import DistContext
 
@@ -45,8 +45,9 @@ def lr_range_test(cfg: Config, ctx: DistContext, steps: int = 200, start: float 
     seed_everything(cfg.seed + ctx.rank)
     # Eager: the sweep reads the loss back after every step to decide when to stop.
     train, precision = step_options(dataclasses.replace(cfg.train, cuda_graph=False, compile=False), ctx.device)
+    configure_cudnn(train, ctx.device)
     model = build_training_model(cfg, ctx)   # before the data: a bad model stops at once
-    data = load_data(cfg, ctx)
+    data = load_data(cfg, ctx, model)
     batches = train_batches(cfg, train, data, ctx)
     step = build_step(model, build_optimization(model, train, precision, ctx, lr=start), train, precision, ctx)
     model.train()

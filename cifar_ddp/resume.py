@@ -114,8 +114,13 @@ def restore(source: Source, ctx: DistContext, model: nn.Module, optimization: Op
     model.load_state_dict(saved["model"])
     if optimization.ema is not None and saved.get("ema") is not None:
         optimization.ema.load_state_dict(saved["ema"])
-    if optimization.lookahead is not None and saved.get("lookahead") is not None:
-        optimization.lookahead.load_state_dict(saved["lookahead"])
+    if optimization.lookahead is not None:
+        if saved.get("lookahead") is not None:
+            optimization.lookahead.load_state_dict(saved["lookahead"])
+        else:
+            # A checkpoint of a run without the lookahead: the average starts at the weights
+            # resumed, not at this run's random initial ones (which its next beat would mix in).
+            optimization.lookahead.module.load_state_dict(model.state_dict())
     optimization.optimizer.load_state_dict(saved["optimizer"])
     if optimization.scaler is not None and saved.get("scaler") is not None:
         optimization.scaler.load_state_dict(saved["scaler"])

@@ -10,7 +10,7 @@ import signal
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import lock as out_dir_lock
 from . import resume, rules
-from .assembly import (build_optimization, build_step, build_training_model, eval_split, fit_whitening_stem,
+from .assembly import (build_optimization, build_step, build_training_model, configure_cudnn, eval_split,
                        load_data, seed_everything, step_options, train_batches)
 from .config import Config
 from .data.loaders import DeviceEvalSplit, epoch_seed, eval_shard
@@ -81,10 +81,7 @@ class Trainer:
         # "auto", as given); a bad option stops here, before the data loads.
         self.options, self.precision = options, precision = step_options(cfg.train, ctx.device)
         seed_everything(cfg.seed)
-        if ctx.device.type == "cuda":
-            # Fixed input shapes: cuDNN can try every kernel once and keep the fastest.
-            torch.backends.cudnn.benchmark = options.cudnn_benchmark
-            torch.backends.cudnn.benchmark_limit = options.cudnn_benchmark_limit
+        configure_cudnn(options, ctx.device)
         # The network first, with its design rules checked: a mistake in either stops in
         # seconds, before the data loads. (Loading draws nothing from torch's generator, so
         # the initial weights are the same as when the model was built after the data.)
@@ -93,18 +90,17 @@ class Trainer:
         _warn_of_slow_depthwise(model, ctx, precision)
 
         with self.clock.phase("data"):
-            self.data = data = load_data(cfg, ctx)
-            fit_whitening_stem(model, data)   # model.whiten_stem; before the EMA and DDP copy the model
+            self.data = data = load_data(cfg, ctx, model)   # (fits model.whiten_stem's filters too)
             self.batches = batches = train_batches(cfg, options, data, ctx)
             # Normalised once and kept on the device: it is scored again and again.
             self.test_shard = DeviceEvalSplit(eval_shard(data.test, ctx.rank, ctx.world_size), data.stats, ctx.device)
-        self.optimization = build_optimization(model, options, precision, ctx,
-                                               total_steps=options.epochs * batches.steps_per_epoch)
+        total_steps = options.epochs * batches.steps_per_epoch   # the LR schedule's and the lookahead's
+        self.optimization = build_optimization(model, options, precision, ctx, total_steps=total_steps)
         self.ema = self.optimization.ema
         if ctx.is_main:
-            _check_room_for_checkpoints(self.out_dir, model, self.ema, options)
+            _check_room_for_checkpoints(self.out_dir, model, (self.ema, self.optimization.lookahead), options)
         self.state = TrainState()
-        self.schedule = LRSchedule(options, self.optimization.peak_lr, options.epochs * batches.steps_per_epoch)
+        self.schedule = LRSchedule(options, self.optimization.peak_lr, total_steps)
 
         if source is not None:
             resume.restore(source, ctx, model, self.optimization, self.state, batches)
@@ -437,21 +433,23 @@ def _stop_reason(signals_received: Dict[int, int], world_size: int, stop_after_s
 
 
 
-def checkpoint_size(model: nn.Module, ema: Optional[nn.Module], t) -> int:
-    """About the bytes of one checkpoint file: the weights, the EMA's, the optimizer's
-    per-weight state (SGD's momentum, AdamW's two moments); the rest is small."""
+def checkpoint_size(model: nn.Module, averages: Sequence[Optional[nn.Module]], t) -> int:
+    """About the bytes of one checkpoint file: the weights, the averages' copies (the EMA's,
+    the lookahead's), the optimizer's per-weight state (SGD's momentum, AdamW's two
+    moments); the rest is small."""
     def size(tensors) -> int:
         return sum(x.numel() * x.element_size() for x in tensors)
     per_weight = 2 if t.optimizer == "adamw" else 1 if t.momentum > 0 else 0
-    return (size(model.state_dict().values()) + (size(ema.state_dict().values()) if ema is not None else 0)
+    return (size(model.state_dict().values()) + sum(size(a.state_dict().values()) for a in averages if a is not None)
             + per_weight * size(model.parameters()) + 64 * 1024)
 
 
-def _check_room_for_checkpoints(out_dir: Path, model: nn.Module, ema: Optional[nn.Module], t) -> None:
+def _check_room_for_checkpoints(out_dir: Path, model: nn.Module, averages: Sequence[Optional[nn.Module]],
+                                t) -> None:
     """A disk too full for the first checkpoints stops the run before it trains, not after."""
     import shutil
 
-    size = checkpoint_size(model, ema, t)
+    size = checkpoint_size(model, averages, t)
     need = 3 * size                                     # a step file, last.pt and best.pt
     free = shutil.disk_usage(out_dir).free
     if free < need:

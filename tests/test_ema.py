@@ -103,8 +103,8 @@ def reference(skipped=()):
                 keep = DECAY ** K * (step / TOTAL) ** 3
                 average = keep * average + (1 - keep) * model
                 model = average.clone()
-            elif step == TOTAL:
-                model = average.clone()
+        if step == TOTAL:   # the run ends on the average, its last step masked or not
+            model = average.clone()
         history.append((model.clone(), average.clone()))
     return history
 
@@ -156,6 +156,14 @@ def test_a_skipped_step_changes_nothing_even_on_the_beat():
         torch.testing.assert_close(model.double(), ref_model, rtol=0, atol=1e-6, msg=f"model, step {step}")
         torch.testing.assert_close(average.double(), ref_average, rtol=0, atol=1e-6, msg=f"average, step {step}")
     assert torch.equal(history[9][3], history[9][4])    # step 10 fires as usual
+
+
+def test_a_masked_last_step_still_ends_the_run_on_the_average():
+    expected = reference(skipped=(TOTAL,))
+    history, model, lookahead = run_lookahead(skipped=(TOTAL,))
+    assert TOTAL % K != 0 and torch.equal(model.w, lookahead.module.w)
+    torch.testing.assert_close(model.w.double(), expected[-1][0], rtol=0, atol=1e-6)
+    assert not torch.equal(history[-2][3], history[-2][4])   # step TOTAL - 1: off the beat, apart
 
 
 def test_a_resumed_lookahead_continues_the_same_sequence(tmp_path: Path):
@@ -289,3 +297,28 @@ def test_impossible_lookahead_settings_are_refused_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=rf"^train\.{key} is {value}; it must be"):
         config_from_dict({"train": {key: value}})
     config_from_dict({"train": {"lookahead_every_steps": 0, "lookahead_decay": 1.0}})   # the edges that work
+
+
+def test_resuming_a_run_without_the_lookahead_starts_the_average_at_the_resumed_weights(tmp_path: Path):
+    """train.lookahead_every_steps newly set on a resume (or a checkpoint of an earlier
+    version): the average must start at the weights resumed; left at this run's random
+    initial weights, its first beat would pull the trained model most of the way back."""
+    from cifar_ddp.config import load_config
+    from cifar_ddp.distributed import DistContext
+    from cifar_ddp.errors import Preempted
+    from cifar_ddp.loggers import SilentLogger
+    from cifar_ddp.trainer import Trainer
+
+    from conftest import tiny_overrides, train_in_process
+
+    settings = {"train.epochs": 2, "data.fake_size": 96, "train.batch_size": 16, "train.checkpoint_every_steps": 4}
+    with pytest.raises(Preempted):
+        train_in_process(tmp_path / "run", **settings, **{"train.stop_after_steps": 8})
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", **settings, **{
+        "train.resume": "auto", "train.lookahead_every_steps": K}))
+    trainer = Trainer(cfg, DistContext(), logger=SilentLogger())
+    assert trainer.state.global_step == 8
+    averaged, resumed = trainer.optimization.lookahead.module.state_dict(), trainer.model.state_dict()
+    assert averaged.keys() == resumed.keys()
+    for key, value in resumed.items():
+        assert torch.equal(averaged[key], value), key

@@ -160,9 +160,9 @@ def _fingerprint(files: Sequence[Tuple[Path, int]]) -> str:
 
 
 class _ArrayCache:
-    """One split's decoded images as a `.npy` file, memory-mapped when read: a run reads
-    the pages it touches from the page cache (shared by every process on the machine)
-    instead of copying 150 MB per process out of an archive. Copy-on-write (`mmap_mode="c"`):
+    """One split's decoded images as a `.npy` file, memory-mapped when read: the pages come
+    from the page cache (shared by every process on the machine; `read` checks all of
+    them once) instead of a 150 MB copy per process out of an archive. Copy-on-write (`mmap_mode="c"`):
     the array is writable, so torch.from_numpy takes it without a copy or a warning,
     and a write stays in the process, never reaching the file.
 
@@ -207,7 +207,11 @@ def _load_folder_split(cfg: DataConfig, split: str, classes: Sequence[str]) -> I
     if images is None:
         images = np.stack([_decode(p) for p, _ in files])
         try:
-            cache.write(images)
+            # Another job may have written the cache while this one decoded (and mapped it
+            # since): an intact file is never replaced under a reader's map (on NFS the
+            # reader's pages would go stale).
+            if cache.read(len(files)) is None:
+                cache.write(images)
         except OSError:
             pass  # read-only data root: decoding again next time is slower but correct
     return ImageSplit(images, labels, paths)

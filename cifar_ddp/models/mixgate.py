@@ -77,8 +77,7 @@ class MixGateUnit(nn.Module):
         self.scale = nn.BatchNorm2d(channels)                           # its gain scales the residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Slices, not torch.chunk: a chunk's tuple output would hide the map's size from
-        # the receptive-field walk (torch.fx); the two slices are views, the cat one copy.
+        # The two slices are views; the cat is the one copy.
         mixed = torch.cat([self.local(x[:, :self.local_channels]), self.dilated(x[:, self.local_channels:])], 1)
         gated = F.glu(self.expand(self.norm(mixed)), dim=1)
         return x + self.scale(self.project(gated))
