@@ -14,7 +14,7 @@ LAYERS = [
     ["errors", "config", "files", "distributed", "lock", "checkpoint", "timing", "layer_trace",
      "receptive_field", "rules"],
     ["models", "models.blocks", "models.registry", "models.references", "models.seed", "models.sep_resnet",
-     "models.mixgate", "data", "data.sources", "data.transforms", "data.mixing", "data.loaders", "optim", "ema", "step"],
+     "models.mixgate", "models.whitening", "data", "data.sources", "data.transforms", "data.mixing", "data.loaders", "optim", "ema", "step"],
     ["assembly"],
     ["engine"],
     ["resume", "inference", "metrics", "report", "loggers"],
