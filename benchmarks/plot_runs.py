@@ -104,6 +104,7 @@ def main() -> None:
         axis.set_ylabel(f"{scored} accuracy (%)")
         axis.grid(alpha=0.3)
         axis.axhline(85, color="grey", lw=0.8, ls="--")
+    by_epoch.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))   # no epoch 2.5
     by_epoch.legend(fontsize=8, loc="lower right")
     if args.title:
         fig.suptitle(args.title)
