@@ -77,6 +77,23 @@ def tiny_overrides(out_dir: Path, **extra: object) -> List[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def record_conv_calls(monkeypatch) -> list:
+    """(kernel width, dilation) of every grouped F.conv2d call from now on (which kernel a
+    depthwise conv really ran: DepthwiseConv2d may run a dilated one undilated)."""
+    import torch
+
+    calls = []
+    real_conv2d = torch.nn.functional.conv2d
+
+    def recording_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        if groups > 1:
+            calls.append((weight.shape[-1], dilation if isinstance(dilation, int) else dilation[0]))
+        return real_conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
+    return calls
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")

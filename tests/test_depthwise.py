@@ -15,23 +15,9 @@ from cifar_ddp.models.blocks import AUTO_DILATED_DEPTHWISE, DepthwiseConv2d, set
 from cifar_ddp.optim import build_optimizer
 from cifar_ddp.step import TrainStep
 
-from conftest import REPO
+from conftest import REPO, record_conv_calls
 
 CHOICES = ("native", "spread")
-
-
-def record_conv_calls(monkeypatch) -> list:
-    """(kernel width, dilation) of every grouped F.conv2d call from now on."""
-    calls = []
-    real_conv2d = torch.nn.functional.conv2d
-
-    def recording_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        if groups > 1:
-            calls.append((weight.shape[-1], dilation if isinstance(dilation, int) else dilation[0]))
-        return real_conv2d(input, weight, bias, stride, padding, dilation, groups)
-
-    monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
-    return calls
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

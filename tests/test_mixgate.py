@@ -15,6 +15,8 @@ from cifar_ddp.receptive_field import receptive_field
 from cifar_ddp.rules import check_rules, format_results
 from cifar_ddp.summary import summarize
 
+from conftest import record_conv_calls
+
 from conftest import REPO
 from test_receptive_field import gradient_extent, positive
 
@@ -159,16 +161,9 @@ def test_no_dilated_depthwise_conv_reaches_torch_on_the_cpu(monkeypatch):
     spread-out kernel (5x5 for dilation 2, 7x7 for 3), as SepResNet's do."""
     model = build_model("mixgate")
     assert plain_dilated_depthwise(model) == []
-    calls = []
-    real_conv2d = torch.nn.functional.conv2d
-
-    def recording_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        calls.append((weight.shape[-1], dilation if isinstance(dilation, int) else dilation[0], groups))
-        return real_conv2d(input, weight, bias, stride, padding, dilation, groups)
-
-    monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
+    calls = record_conv_calls(monkeypatch)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
-    depthwise = {(k, d) for k, d, groups in calls if groups > 1}
+    depthwise = set(calls)
     assert depthwise == {(3, 1), (5, 1), (7, 1)}
 
 

@@ -118,17 +118,12 @@ def test_depthwise_conv_on_cpu_equals_the_dilated_conv_it_stands_for(channels, s
 
 def test_dilated_depthwise_convs_run_undilated_on_the_cpu(monkeypatch):
     """The reason DepthwiseConv2d exists: no dilated depthwise conv reaches PyTorch on the CPU."""
-    calls = []
-    real_conv2d = torch.nn.functional.conv2d
+    from conftest import record_conv_calls
 
-    def recording_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        calls.append((weight.shape[-1], dilation if isinstance(dilation, int) else dilation[0], groups))
-        return real_conv2d(input, weight, bias, stride, padding, dilation, groups)
-
-    monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
+    calls = record_conv_calls(monkeypatch)
     model = build_model("sep_resnet")
     model(torch.randn(2, 3, 32, 32)).sum().backward()
-    depthwise = [(k, d) for k, d, groups in calls if groups > 1]
+    depthwise = calls
     assert (5, 1) in depthwise, "the dilated units ran as 5x5 undilated convs"
     assert all(d == 1 for _, d in depthwise), f"a dilated depthwise conv reached torch: {depthwise}"
 
