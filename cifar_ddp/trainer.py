@@ -267,8 +267,9 @@ class Trainer:
         # BN running statistics averaged over ranks at every epoch's end, scored or not:
         # every rank then holds the same model, and so does each checkpoint.
         ctx.average_buffers(self.model)
-        if self.ema is not None:
-            ctx.average_buffers(self.ema)
+        for average in (self.ema, self.optimization.lookahead):   # their BN statistics too
+            if average is not None:
+                ctx.average_buffers(average)
         row = {
             "global_step": state.global_step,
             "lr": self.schedule(state.global_step - 1),
@@ -350,7 +351,8 @@ class Trainer:
         with self.clock.phase("logging"):
             self.logger.finish(run_hparams(self.cfg, self.ctx.world_size), final, self.state.history)
         # DDP keeps replicas identical by construction; the digests let anyone check it.
-        digests = self.ctx.gather_objects(weights_digest(self.model))
+        # Every rank's model and its averages (EMA, lookahead): equal on all ranks, or a bug.
+        digests = self.ctx.gather_objects(weights_digest(self.model, self.ema, self.optimization.lookahead))
         # Where the wall time went, from the process's start (the launcher's clock) to here.
         wall = self.clock.breakdown()
         self.logger.wall_time(wall)
@@ -393,12 +395,16 @@ def run(cfg: Config, ctx: DistContext, logger: Optional[RunLogger] = None,
             held.release()
 
 
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer, in state_dict order."""
+def weights_digest(*modules: Optional[nn.Module]) -> str:
+    """SHA-256 over every parameter and buffer of each module given (None: skipped), in
+    state_dict order."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for module in modules:
+        if module is None:
+            continue
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

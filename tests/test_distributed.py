@@ -64,6 +64,17 @@ def test_torchrun_two_processes_train_evaluate_and_resume_under_one(tmp_path: Pa
     assert single["accuracy"] == pytest.approx(final["test_accuracy"], abs=1e-12)
 
 
+def test_two_ranks_hold_the_same_averages_and_stem(tmp_path: Path):
+    """The EMA, the lookahead (its beat at step 4 of 6, the last step copying it into the model)
+    and the whitening stem fitted on each rank: every rank ends with the same model and the
+    same averages, BN statistics included (replica_digests cover all three)."""
+    settings = {**ODD, "train.epochs": 2, "train.ema_decay": 0.9, "train.lookahead_every_steps": 4,
+                "model.whiten_stem": "true", "rules.enforce": "false"}   # the stem is over the seed budget
+    final = check_two_identical_replicas(run_job(torchrun(2, tiny_overrides(tmp_path / "run", **settings))))
+    saved = ckpt.load_file(ckpt.checkpoint_dir(tmp_path / "run") / "last.pt")
+    assert saved["lookahead"] is not None and saved["ema"] is not None and final["global_step"] == 6
+
+
 def test_checkpoint_from_two_processes_resumes_under_one(tmp_path: Path):
     out = tmp_path / "run"
     # 3 steps per epoch with 2 ranks x 16; stop inside epoch 2.
