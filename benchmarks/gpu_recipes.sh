@@ -77,6 +77,32 @@ load_dataset(load_config('configs/sep_resnet10.yaml', ['data.root=$DATA']).data)
 cache_pid=$!
 mark "set-up done (set $SET)"
 
+# pace GRAPH_LIMIT_S EAGER_RECIPE... -- CAPTURED_ONLY_RECIPE...: benchmarks/model_speed.py
+# eager on the first recipes, then (on a GPU) with the CUDA-graph step on all of them;
+# sets captured_step to the override every run below takes when capturing worked (about
+# 2x the eager pace at batch 512, more at 128: the deadline cut the 100-epoch runs once).
+# Eager at batch 128 is launch-bound (11,600 images/s on the H200): those recipes are timed
+# captured only. Each measurement is seconds; the limits only stop a hang.
+pace() {
+  local graph_limit=$1; shift
+  local speed=(--repeats 2 --timed-images 25600 --warmup-images 10240 --images 10240)
+  while [ "$1" != -- ]; do speed+=(--recipe "$1"); shift; done
+  shift
+  # shellcheck disable=SC2206  # SPEED_ARGS is words on purpose
+  speed+=(${SPEED_ARGS:-})
+  timeout 100 python3 benchmarks/model_speed.py "${speed[@]}" > "$LOGS/speed_eager.log" 2>&1
+  echo "speed, eager: exit $? | $(tail -n 1 "$LOGS/speed_eager.log")" | tee -a "$LOGS/summary.txt"
+  for recipe in "$@"; do speed+=(--recipe "$recipe"); done
+  captured_step=""
+  if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    timeout "$graph_limit" python3 benchmarks/model_speed.py "${speed[@]}" --set train.cuda_graph=true \
+      > "$LOGS/speed_graph.log" 2>&1
+    local status=$?
+    echo "speed, cuda_graph: exit $status | $(tail -n 1 "$LOGS/speed_graph.log")" | tee -a "$LOGS/summary.txt"
+    [ "$status" -eq 0 ] && captured_step="train.cuda_graph=true"
+  fi
+}
+
 pack() {  # every run's per-epoch log beside the console logs, then one archive
   for run in /tmp/runs/*/; do cp "$run/training_log.md" "$LOGS/$(basename "$run").training_log.md" 2>/dev/null; done
   cp "$LOGS/summary.txt" "$OUT/recipes_summary.txt"
@@ -84,21 +110,9 @@ pack() {  # every run's per-epoch log beside the console logs, then one archive
 }
 
 if [ "$SET" = mixgate ]; then
-  speed=(--repeats 2 --timed-images 25600 --warmup-images 10240 --images 10240
-         --recipe fast85_gpu=configs/fast85_gpu.yaml --recipe sep_resnet10=configs/sep_resnet10.yaml
-         --recipe mixgate_b512=configs/mixgate10.yaml:train.batch_size=512)
-  # shellcheck disable=SC2206  # SPEED_ARGS is words on purpose
-  speed+=(${SPEED_ARGS:-})
-  timeout 100 python3 benchmarks/model_speed.py "${speed[@]}" > "$LOGS/speed_eager.log" 2>&1
-  echo "speed, eager: exit $? | $(tail -n 1 "$LOGS/speed_eager.log")" | tee -a "$LOGS/summary.txt"
-  speed+=(--recipe sep_resnet10_b128=configs/sep_resnet10.yaml:train.batch_size=128 --recipe mixgate10=configs/mixgate10.yaml)
-  captured_step=""
-  if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    timeout 150 python3 benchmarks/model_speed.py "${speed[@]}" --set train.cuda_graph=true > "$LOGS/speed_graph.log" 2>&1
-    status=$?
-    echo "speed, cuda_graph: exit $status | $(tail -n 1 "$LOGS/speed_graph.log")" | tee -a "$LOGS/summary.txt"
-    [ "$status" -eq 0 ] && captured_step="train.cuda_graph=true"
-  fi
+  pace 150 fast85_gpu=configs/fast85_gpu.yaml sep_resnet10=configs/sep_resnet10.yaml \
+    mixgate_b512=configs/mixgate10.yaml:train.batch_size=512 -- \
+    sep_resnet10_b128=configs/sep_resnet10.yaml:train.batch_size=128 mixgate10=configs/mixgate10.yaml
   wait "$cache_pid"; mark "data cache built (exit $?)"
   for seed in 0 1; do
     train "mixgate100_s$seed" configs/mixgate100.yaml seed=$seed $captured_step
@@ -119,25 +133,9 @@ if [ "$SET" = mixgate ]; then
   exit 0
 fi
 
-# 1. Pace, the GPU to itself. Each measurement is seconds; the limits only stop a hang.
-speed=(--repeats 2 --timed-images 25600 --warmup-images 10240 --images 10240
-       --recipe fast85_gpu=configs/fast85_gpu.yaml --recipe sep_resnet10=configs/sep_resnet10.yaml)
-# shellcheck disable=SC2206  # SPEED_ARGS is words on purpose
-speed+=(${SPEED_ARGS:-})
-# Eager at batch 128 is launch-bound (11,600 images/s on the H200): only the captured step
-# is timed there.
-timeout 100 python3 benchmarks/model_speed.py "${speed[@]}" > "$LOGS/speed_eager.log" 2>&1
-echo "speed, eager: exit $? | $(tail -n 1 "$LOGS/speed_eager.log")" | tee -a "$LOGS/summary.txt"
-speed+=(--recipe sep_resnet10_b128=configs/sep_resnet10.yaml:train.batch_size=128)
-captured_step=""
-if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  timeout 120 python3 benchmarks/model_speed.py "${speed[@]}" --set train.cuda_graph=true > "$LOGS/speed_graph.log" 2>&1
-  status=$?
-  echo "speed, cuda_graph: exit $status | $(tail -n 1 "$LOGS/speed_graph.log")" | tee -a "$LOGS/summary.txt"
-  # Every run below takes the captured step (about 2x the eager pace at batch 512, more
-  # at 128) where it just worked for SepResNet: the deadline cut the 100-epoch runs last time.
-  [ "$status" -eq 0 ] && captured_step="train.cuda_graph=true"
-fi
+# 1. Pace, the GPU to itself.
+pace 120 fast85_gpu=configs/fast85_gpu.yaml sep_resnet10=configs/sep_resnet10.yaml -- \
+  sep_resnet10_b128=configs/sep_resnet10.yaml:train.batch_size=128
 
 wait "$cache_pid"; mark "data cache built (exit $?)"
 
