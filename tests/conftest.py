@@ -77,6 +77,20 @@ def tiny_overrides(out_dir: Path, **extra: object) -> List[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def assert_same_conv(x, out, weight, out_ref, weight_ref) -> None:
+    """A conv's output `out` of `x` and its gradients (input and `weight`) equal to 1e-12 those
+    of a reference conv (`out_ref`, `weight_ref`), under one random output gradient (float64)."""
+    import torch
+
+    assert out.shape == out_ref.shape
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out_ref)
+    dx_ref, dw_ref = torch.autograd.grad(out_ref, (x, weight_ref), grad)
+    dx, dw = torch.autograd.grad(out, (x, weight), grad)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-12, atol=1e-12)
+
+
 def record_conv_calls(monkeypatch) -> list:
     """(kernel width, dilation) of every grouped F.conv2d call from now on (which kernel a
     depthwise conv really ran: DepthwiseConv2d may run a dilated one undilated)."""

@@ -15,7 +15,7 @@ from cifar_ddp.models.blocks import AUTO_DILATED_DEPTHWISE, DepthwiseConv2d, set
 from cifar_ddp.optim import build_optimizer
 from cifar_ddp.step import TrainStep
 
-from conftest import REPO, record_conv_calls
+from conftest import REPO, assert_same_conv, record_conv_calls
 
 CHOICES = ("native", "spread")
 
@@ -40,14 +40,7 @@ def test_each_path_is_the_dilated_conv_and_the_one_that_runs(choice, dilation, s
     x.requires_grad_(True)
     out_ref = reference(x)
     calls = record_conv_calls(monkeypatch)
-    out = conv(x)
-    assert out.shape == out_ref.shape
-    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(out_ref)
-    dx_ref, dw_ref = torch.autograd.grad(out_ref, (x, reference.weight), grad)
-    dx, dw = torch.autograd.grad(out, (x, conv.weight), grad)
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dw, dw_ref, rtol=1e-12, atol=1e-12)
+    assert_same_conv(x, conv(x), conv.weight, out_ref, reference.weight)
     spread = choice == "spread" and dilation > 1
     assert calls == [(2 * dilation + 1, 1) if spread else (3, dilation)]
 
