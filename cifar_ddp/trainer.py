@@ -29,7 +29,7 @@ from .errors import NonFiniteLoss, Preempted, UserError
 from .files import check_writable_folder
 from .inference import probabilities
 from .loggers import RunLogger, augmented_preview, make_logger, run_hparams
-from .models import plain_dilated_depthwise
+from .models import native_dilated_depthwise, plain_dilated_depthwise
 from .optim import LRSchedule
 from .timing import PhaseClock
 
@@ -364,13 +364,18 @@ class Trainer:
 
 
 def _warn_of_slow_depthwise(model: nn.Module, ctx: DistContext, precision: str) -> None:
-    slow = plain_dilated_depthwise(model) if ctx.device.type == "cpu" else []
-    if slow and ctx.is_main:
-        warnings.warn(f"{slow[0]}{f' (and {len(slow) - 1} more)' if len(slow) > 1 else ''} is a dilated "
-                      "depthwise nn.Conv2d: on a CPU torch runs it 4-20x slower than an undilated one"
-                      + (", and its bf16 kernel gives non-finite values at random with several threads"
-                         if precision == "bf16" else "")
-                      + "; build it with cifar_ddp.models.blocks.DepthwiseConv2d (same weights)", stacklevel=3)
+    if ctx.device.type != "cpu" or not ctx.is_main:
+        return
+    bf16 = ", and its bf16 kernel gives non-finite values at random with several threads" if precision == "bf16" else ""
+    plain, native = plain_dilated_depthwise(model), native_dilated_depthwise(model, ctx.device)
+    for names, what, fix in ((plain, "a dilated depthwise nn.Conv2d", "build it with "
+                              "cifar_ddp.models.blocks.DepthwiseConv2d (same weights)"),
+                             (native, "a dilated DepthwiseConv2d run natively (model.dilated_depthwise=native)",
+                              "leave model.dilated_depthwise at auto, or set it to spread (same weights)")):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            warnings.warn(f"{names[0]}{more} is {what}: on a CPU torch runs it 4-20x slower than an undilated "
+                          f"one{bf16}; {fix}", stacklevel=3)
 
 
 def run(cfg: Config, ctx: DistContext, logger: Optional[RunLogger] = None,

@@ -58,6 +58,36 @@ def test_auto_spreads_on_the_cpu_only():
     assert dilated.runs_spread(torch.device("cuda", 0))
 
 
+def test_native_on_a_cpu_is_named_by_the_slow_kernel_warning_and_auto_is_not(tmp_path):
+    """model.dilated_depthwise=native on a CPU runs the kernel that plain dilated nn.Conv2d
+    runs 4-20x slower; the run says so, naming the first module and the count, and the fix.
+    auto (which spreads on a CPU) and spread give no such warning."""
+    import warnings
+
+    from cifar_ddp.models import native_dilated_depthwise
+
+    from conftest import train_in_process
+
+    cpu = torch.device("cpu")
+    dilated = ["c1.3.depthwise", "c2.0.depthwise", "c2.1.depthwise", "c3.0.depthwise", "c4.0.depthwise"]
+    for choice, expected in (("native", dilated), ("auto", []), ("spread", [])):
+        model = build_model(ModelConfig(name="sep_resnet", dilated_depthwise=choice))
+        assert native_dilated_depthwise(model, cpu) == expected
+    # On another device auto is native: the list is of what runs there, not of the setting.
+    assert native_dilated_depthwise(build_model(ModelConfig(name="sep_resnet")), torch.device("cuda", 0)) == dilated
+    # The seed net's dilated convs are dense, not depthwise: nothing to name.
+    assert native_dilated_depthwise(build_model(ModelConfig(name="seed", dilated_depthwise="native")), cpu) == []
+    with pytest.warns(UserWarning, match=rf"{dilated[0]} \(and 4 more\) is a dilated DepthwiseConv2d run natively "
+                                         r"\(model.dilated_depthwise=native\): on a CPU torch runs it 4-20x slower"
+                                         r".*leave model.dilated_depthwise at auto, or set it to spread"):
+        train_in_process(tmp_path / "native", **{"train.epochs": 1, "model.name": "sep_resnet",
+                                                 "model.dilated_depthwise": "native", "train.precision": "fp32"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_in_process(tmp_path / "auto", **{"train.epochs": 1, "model.name": "sep_resnet", "train.precision": "fp32"})
+    assert not [w for w in caught if "4-20x slower" in str(w.message)]
+
+
 def test_the_setting_reaches_every_depthwise_conv_and_keeps_the_state_dict():
     """build_model sets model.dilated_depthwise on all 9 of SepResNet's DepthwiseConv2d (5 dilated); the
     state_dict (keys, shapes, values from one seed) is the same whatever the setting, so a

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import Config, ModelConfig, config_from_dict
 from ..errors import ConfigError, one_line
-from .blocks import set_dilated_depthwise
+from .blocks import DepthwiseConv2d, set_dilated_depthwise
 from .references import is_reference, require_named, resolve
 from .registry import ModelEntry, register_model, registered_names
 
@@ -174,5 +174,13 @@ def last_spatial_module(model: nn.Module) -> str:
 
 
 
-__all__ = ["build_model", "builder_arguments", "set_bn_momentum", "cam_layer_name", "check_forward", "find_layer", "is_reference", "plain_dilated_depthwise",
+def native_dilated_depthwise(model: nn.Module, device: torch.device) -> List[str]:
+    """The dilated blocks.DepthwiseConv2d modules that run the native dilated kernel on
+    `device` (model.dilated_depthwise=native; auto spreads them on a CPU): on a CPU they
+    have plain_dilated_depthwise's cost."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, DepthwiseConv2d) and max(m.dilation) > 1 and not m.runs_spread(device)]
+
+
+__all__ = ["build_model", "builder_arguments", "set_bn_momentum", "cam_layer_name", "check_forward", "find_layer", "is_reference", "native_dilated_depthwise", "plain_dilated_depthwise",
            "register_model", "registered_names", "require_named", "resolve", "SeedNet", "SepResNet"]
