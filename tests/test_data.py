@@ -39,6 +39,31 @@ def test_folder_source_reads_jpeg_and_caches(tmp_path: Path):
     assert not np.array_equal(first.train.images, third.train.images)
 
 
+def test_a_changed_listing_deletes_the_older_cache_in_the_roots_folder_only(tmp_path: Path):
+    """After a file changes, the root's own cache folder holds one cache per split (the old
+    fingerprint's files and an older-format .npz are gone; the other split's are kept); a
+    shared data.cache_dir keeps every listing's, as other roots may be using it."""
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "jpg", suffix=".jpg")
+    folder, shared = root / ".cifar_ddp_cache", tmp_path / "shared"
+    load_dataset(folder_cfg(root))
+    load_dataset(folder_cfg(root, cache_dir=str(shared)))
+    (folder / "train-0123456789abcdef.npz").write_bytes(b"an old format's cache")
+    before = {p.name for p in folder.iterdir()}
+    assert len(before) == 5 and {p.name for p in shared.iterdir()} == before - {"train-0123456789abcdef.npz"}
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "cat" / "0000.jpg")
+    changed = load_dataset(folder_cfg(root))
+    after = {p.name for p in folder.iterdir()}
+    tests = {n for n in before if n.startswith("test-")}
+    assert len(after) == 4 and tests < after and not (after - tests) & before
+    [cache] = folder.glob("train-*.npy")
+    assert np.array_equal(np.load(cache), changed.train.images) and np.array_equal(
+        changed.train.images, decoded_with_pil(root, "train"))
+    load_dataset(folder_cfg(root, cache_dir=str(shared)))
+    assert len(list(shared.glob("train-*.npy"))) == 2 and len(list(shared.glob("test-*.npy"))) == 1
+
+
 def decoded_with_pil(root: Path, split: str) -> np.ndarray:
     """The split's images decoded here, independently of the cache: class by class, files by name."""
     from PIL import Image

@@ -169,8 +169,8 @@ class _ArrayCache:
     Named for the listing's fingerprint; the labels and paths come from the listing
     itself, so the images are all a cache holds. Beside it, the CRC-32 of its pixels:
     a half-written, truncated or altered file (or a missing checksum) is
-    rebuilt, never trusted. Caches of the older format (one `.npz` per split) are left
-    where they are, unread."""
+    rebuilt, never trusted. In the root's own cache folder a split's caches of other
+    listings (and of the older `.npz` format) are deleted once this one is written."""
 
     def __init__(self, folder: Path, split: str, fingerprint: str) -> None:
         self.images = folder / f"{split}-{fingerprint}.npy"
@@ -195,10 +195,21 @@ class _ArrayCache:
         atomic_write(self.images, buffer.getvalue())
         atomic_write(self.checksum, str(zlib.crc32(images)).encode())
 
+    def remove_older(self) -> None:
+        """Delete this split's caches of other listings (older fingerprints, and the older
+        `.npz` format): after a file changed, each would keep 150 MB nobody reads again. A
+        job still mapping one keeps its pages (unlinking leaves an open file readable); a
+        job about to read one finds it gone and decodes."""
+        split = self.images.name.split("-")[0]
+        for path in self.images.parent.glob(f"{split}-*"):
+            if path.suffix in (".npy", ".crc32", ".npz") and path not in (self.images, self.checksum):
+                path.unlink(missing_ok=True)
+
 
 def _load_folder_split(cfg: DataConfig, split: str, classes: Sequence[str]) -> ImageSplit:
     root = Path(cfg.root)
     files = _list_folder_split(root / split, classes)
+    # data.cache_dir may be shared by several roots, so only the root's own folder is pruned.
     cache = _ArrayCache(Path(cfg.cache_dir) if cfg.cache_dir else root / ".cifar_ddp_cache", split,
                         _fingerprint(files))
     labels = np.asarray([label for _, label in files], dtype=np.int64)
@@ -212,6 +223,8 @@ def _load_folder_split(cfg: DataConfig, split: str, classes: Sequence[str]) -> I
             # reader's pages would go stale).
             if cache.read(len(files)) is None:
                 cache.write(images)
+            if not cfg.cache_dir:
+                cache.remove_older()
         except OSError:
             pass  # read-only data root: decoding again next time is slower but correct
     return ImageSplit(images, labels, paths)
