@@ -100,7 +100,6 @@ def measure_cifar_ddp(args: argparse.Namespace, extra=()) -> float:
         model = build_training_model(cfg, ctx)
         data = load_data(cfg, ctx, model)
         batches = train_batches(cfg, train, data, ctx)
-        step = build_step(model, build_optimization(model, train, precision, ctx, lr=0.05), train, precision, ctx)
 
         def endless():
             for epoch in itertools.count():
@@ -113,6 +112,9 @@ def measure_cifar_ddp(args: argparse.Namespace, extra=()) -> float:
         per_epoch = batches.steps_per_epoch
         warmup = max(args.warmup, GRAPH_WARMUP_STEPS + 2) if train.cuda_graph else args.warmup
         warmup, timed = (-(-count // per_epoch) * per_epoch for count in (warmup, args.steps))
+        # The run's length, so that a recipe's lookahead (ramped over it) is part of the step timed.
+        optimization = build_optimization(model, train, precision, ctx, lr=0.05, total_steps=warmup + timed)
+        step = build_step(model, optimization, train, precision, ctx)
         batch_stream, plan, state = endless(), SyncPlan(every=10**9), TrainState()
         train_one_epoch(step, itertools.islice(batch_stream, warmup), lambda s: 0.05, state, plan,
                         EpochMeter(step, ctx))

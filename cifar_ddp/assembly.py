@@ -159,9 +159,9 @@ class Optimization:
 def build_optimization(model: nn.Module, train: TrainConfig, precision: str, ctx: DistContext,
                        lr: Optional[float] = None, total_steps: Optional[int] = None) -> Optimization:
     """`lr`: the optimizer's initial LR (default: the peak, by linear scaling of train.lr).
-    `total_steps`: the run's steps, which the lookahead's ramp follows; callers that run no
-    schedule of a whole run (the LR range test, the benchmarks) pass none and train without
-    the lookahead."""
+    `total_steps`: the run's steps, which the lookahead's ramp follows; the LR range test
+    passes none and sweeps without the lookahead (pulling the weights back every k steps
+    would hide the divergence it looks for)."""
     global_batch = train.batch_size * ctx.world_size
     peak = peak_lr(train, global_batch)
     optimizer = build_optimizer(model, train, peak if lr is None else lr, peak=peak)
