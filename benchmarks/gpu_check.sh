@@ -23,8 +23,11 @@
 # validation carve (data.val_size=5000: no test image is looked at), seeds 0 and 1 each:
 # sep_resnet10_lightaug as it is; + airbench's optimisation options (alternating flip, BN
 # biases at 64x the LR with frozen gains, BN momentum 0.4); + light mixup/CutMix; and
-# configs/sep_resnet10_mix.yaml (both); CANDIDATES="..." picks others, e.g. muon (lightaug
-# with train.optimizer=muon). $OUT/issue30.tsv gets each run's val accuracy.
+# configs/sep_resnet10_mix.yaml (both); CANDIDATES="..." picks others: muon (lightaug
+# with train.optimizer=muon), whiten (with the patch-whitening stem, 148,314 parameters),
+# lookahead (train.lookahead_every_steps=5), mixgate (configs/mixgate10.yaml), e.g.
+# CANDIDATES="lightaug whiten lookahead mixgate" (4 per seed keeps inside the 10 minutes).
+# $OUT/issue30.tsv gets each run's val accuracy.
 # `issue29` runs issue 29's measurements instead: benchmarks/wall_time.py for fast85_gpu,
 # 3 runs start to exit (the breakdown: start-up, data, set-up, steps, evaluation, ...), as
 # shipped and evaluated at the end only (train.eval_every_epochs=20); one run each with
@@ -117,7 +120,10 @@ if [ "${2:-}" = issue30 ]; then
         mix) args=(--config configs/sep_resnet10_lightaug.yaml "${mix[@]}") ;;
         recipe) args=(--config configs/sep_resnet10_mix.yaml) ;;
         muon) args=(--config configs/sep_resnet10_lightaug.yaml train.optimizer=muon) ;;
-        *) echo "unknown candidate $candidate (lightaug, opt, mix, recipe, muon)"; exit 2 ;;
+        whiten) args=(--config configs/sep_resnet10_lightaug.yaml model.whiten_stem=true) ;;
+        lookahead) args=(--config configs/sep_resnet10_lightaug.yaml train.lookahead_every_steps=5) ;;
+        mixgate) args=(--config configs/mixgate10.yaml) ;;
+        *) echo "unknown candidate $candidate (lightaug, opt, mix, recipe, muon, whiten, lookahead, mixgate)"; exit 2 ;;
       esac
       step "i30_${candidate}_s$seed" 60 python3 launch/train.py "${args[@]}" "${carve[@]}" seed=$seed \
         out_dir=/tmp/runs/i30/${candidate}_s$seed

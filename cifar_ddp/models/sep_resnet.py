@@ -72,11 +72,18 @@ class SepResNet(nn.Module):
         super().__init__()
         w1, w2, w3, w4 = widths
         # model.whiten_stem: C1 starts with the frozen 2x2 patch whitening (3 -> 24 channels,
-        # 32 -> 31; the stride-2 convs still give 16, 8, 4; the receptive field grows by 1).
-        whitening = [PatchWhitening(3)] if whiten_stem else []
+        # 32 -> 31; the stride-2 convs still give 16, 8, 4; the receptive field grows by 1),
+        # and the 3x3 stem conv that reads its 24 channels is depthwise-separable: a dense
+        # 24 -> w1 3x3 would add 9,072 parameters and break the seed's budget; the separable
+        # one adds 72 (148,314 in all with the stem's 312).
+        if whiten_stem:
+            whitening = PatchWhitening(3)
+            stem = [whitening, nn.Sequential(DepthwiseConv2d(whitening.out_channels, 3),
+                                             nn.Conv2d(whitening.out_channels, w1, 1, bias=False))]
+        else:
+            stem = [nn.Conv2d(3, w1, 3, padding=1, bias=False)]
         self.c1 = nn.Sequential(
-            *whitening,
-            nn.Conv2d(whitening[0].out_channels if whitening else 3, w1, 3, padding=1, bias=False),   # stem
+            *stem,
             nn.BatchNorm2d(w1), nn.ReLU(),
             SeparableResidualUnit(w1, dilation=2),
             SeparableDownUnit(w1, w2),                                    # 32 -> 16
