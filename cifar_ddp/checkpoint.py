@@ -16,7 +16,8 @@ this project reads it the same way: a file that holds anything else (a pickle th
 run code) is refused. Each file is written to a temporary name in the same folder,
 flushed to disk, then renamed over its final name, then its checksum likewise: a crash
 mid-save leaves the previous file, and a file whose checksum does not match is treated as
-damaged, so `--resume` falls back to the previous save.
+damaged, so `--resume` falls back to the previous save. A reader that meets a save in
+progress (the new file renamed in, its checksum not yet) reads again instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import io
 import pickle
 import re
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -33,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .errors import UserError, exit_on_user_error
-from .files import atomic_write
+from .files import atomic_write, pending_names, pending_write
 
 # save-<save number>-step-<global step>.pt; earlier versions wrote step-<global step>.pt.
 _STEP_FILE = re.compile(r"^(?:save-(\d+)-)?step-(\d+)\.pt$")
@@ -60,9 +62,12 @@ def encode(payload: Dict[str, Any]) -> bytes:
 
 
 def write_file(path: Path, data: bytes) -> None:
-    """The checkpoint, then its checksum, each replaced atomically."""
-    atomic_write(path, data)
-    atomic_write(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+    """The checkpoint, then its checksum, each replaced atomically. The two renames cannot
+    be one, so between them the pair disagrees: the checksum is written to its temporary
+    file before the checkpoint is renamed in, and a reader that finds the pair disagreeing
+    while that file is there knows a writer is between its renames (see _read_verified)."""
+    with pending_write(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode()):
+        atomic_write(path, data)
 
 
 def _verify(path: Path, data: bytes) -> bytes:
@@ -73,7 +78,7 @@ def _verify(path: Path, data: bytes) -> bytes:
             raise CheckpointError(f"'{path}' is truncated or corrupt (checksum mismatch)")
         warnings.warn(f"'{path}' is in cifar_ddp's earlier checkpoint format (readable here, not by torch.load); "
                       "`python -m cifar_ddp.checkpoint upgrade FILE` rewrites it as a plain torch.save file",
-                      stacklevel=3)
+                      stacklevel=4)
         return body
     sidecar = checksum_path(path)
     if sidecar.is_file():
@@ -81,8 +86,40 @@ def _verify(path: Path, data: bytes) -> bytes:
         if hashlib.sha256(data).hexdigest() != expected:
             raise CheckpointError(f"'{path}' is truncated or corrupt (its SHA-256 differs from {sidecar.name})")
     else:
-        warnings.warn(f"'{path}' has no {sidecar.name} beside it: loaded without an integrity check", stacklevel=3)
+        warnings.warn(f"'{path}' has no {sidecar.name} beside it: loaded without an integrity check", stacklevel=4)
     return data
+
+
+# How long a reader waits for a writer to finish replacing a checkpoint and its checksum
+# (milliseconds apart, unless the writer is descheduled) before calling the pair damaged.
+_WRITER_GRACE_S = 5.0
+
+
+def _read_verified(path: Path) -> bytes:
+    """The checked body of `path`, read again while a writer is replacing it: evaluating
+    last.pt of a running training must not find it "corrupt" because the training renamed
+    the new file in and not yet its checksum (the checksum's write is pending), or renamed
+    one or both in between this reader's two reads (either is no longer the one read). A pair
+    that disagrees with no writer at work is reported at once."""
+    sidecar = checksum_path(path)
+    deadline = time.monotonic() + _WRITER_GRACE_S
+    while True:
+        before = _identity(path), _identity(sidecar)
+        try:
+            return _verify(path, path.read_bytes())
+        except CheckpointError:
+            writer_at_work = pending_names(sidecar) or (_identity(path), _identity(sidecar)) != before
+            if not writer_at_work or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _identity(path: Path) -> Tuple[int, int, int]:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return (0, 0, 0)
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 def load_file(path: str | Path, expect: Tuple[str, ...] = ("model", "config")) -> Dict[str, Any]:
@@ -93,7 +130,7 @@ def load_file(path: str | Path, expect: Tuple[str, ...] = ("model", "config")) -
         raise CheckpointError(f"checkpoint '{path}' is a folder; pass a .pt file in it, e.g. {path / 'last.pt'}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
-    body = _verify(path, path.read_bytes())
+    body = _read_verified(path)
     if not body.startswith(b"PK\x03\x04"):   # every torch.save file is a zip archive
         raise CheckpointError(f"'{path}' is not a cifar_ddp checkpoint (not a file written by torch.save)")
     try:

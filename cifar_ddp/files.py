@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator, List
 
 from .errors import UserError
 
@@ -48,9 +51,12 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a reader sees the old file or the new one, never
-    a torn one, even if the process dies mid-write."""
+@contextlib.contextmanager
+def pending_write(path: Path, data: bytes) -> Iterator[None]:
+    """Write `data` beside `path` under a temporary name (flushed to disk), run the body,
+    then rename it over `path`: a reader sees the old file or the new one, never a torn
+    one, even if the process dies mid-write. While the body runs the temporary file is
+    there to be seen (pending_name), which is how a reader knows a write is on its way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -59,6 +65,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        yield
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -74,3 +81,15 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def pending_names(path: Path) -> List[Path]:
+    """The temporary files of writes to `path` still on their way (or left by a killed writer)."""
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a reader sees the old file or the new one, never
+    a torn one, even if the process dies mid-write."""
+    with pending_write(path, data):
+        pass

@@ -147,15 +147,15 @@ def run_evaluation(checkpoint_path: str, overrides: List[str], as_json: bool, tt
     def prepare() -> Tuple[Config, object]:
         if gallery < 0:
             raise UserError(f"--gallery is {gallery}; it is how many mistakes the report shows, 0 or more")
+        if report_dir:   # before the checkpoint is read: a refusal should not wait for it
+            check_writable_folder(Path(report_dir), "--report")
+            refuse_if_held(Path(report_dir), "--report")
         payload = load_file(checkpoint_path)
         cfg = config_from_dict(payload["config"], overrides)
         require_named(cfg.model.name, overrides, trust_model_code, f"checkpoint '{checkpoint_path}'")
         return cfg, payload
 
     def work(cfg: Config, payload: object, ctx: DistContext) -> None:
-        if report_dir:
-            check_writable_folder(Path(report_dir), "--report")
-            refuse_if_held(Path(report_dir), "--report")
         figures = evaluate_checkpoint(payload, cfg, ctx, tta_flip=tta_flip,  # type: ignore[arg-type]
                                       source=checkpoint_path, report_dir=Path(report_dir) if report_dir else None,
                                       gallery=gallery, cam_layer=cam_layer)

@@ -196,3 +196,58 @@ def test_a_process_killed_during_a_background_save_keeps_the_previous_checkpoint
     assert [step for step, _ in ckpt.step_files(directory)] == [1]
     path, payload = ckpt.find_resumable(directory)
     assert path.name == ckpt.step_file_name(1, 1) and torch.equal(payload["model"]["v"], torch.zeros(3))
+
+
+def _payload(value: float) -> bytes:
+    return ckpt.encode({"model": {"w": torch.full((4096,), value)}, "config": {}})
+
+
+SAVES_IN_A_LOOP = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from cifar_ddp import checkpoint as ckpt
+from pathlib import Path
+for value in range(1, 301):
+    ckpt.write_file(Path({path!r}), ckpt.encode({{"model": {{"w": torch.full((4096,), float(value))}}, "config": {{}}}}))
+"""
+
+
+def test_a_reader_never_finds_a_checkpoint_corrupt_while_a_training_replaces_it(tmp_path: Path):
+    """evaluate.py on last.pt of a running training: the file is renamed in, then its
+    checksum, so a reader between the two renames (or one whose two reads straddle them)
+    sees a disagreeing pair. It must read again, not call the file damaged."""
+    path = tmp_path / "last.pt"
+    ckpt.write_file(path, _payload(0.0))
+    training = subprocess.Popen([sys.executable, "-c", SAVES_IN_A_LOOP.format(repo=str(REPO), path=str(path))])
+    seen = []
+    try:
+        while training.poll() is None:
+            seen.append(float(ckpt.load_file(path)["model"]["w"][0]))
+    finally:
+        training.kill()
+        training.wait(timeout=60)
+    assert training.returncode == 0
+    assert len(set(seen)) > 10, "the reads hardly overlapped the saves: the test proved nothing"
+    assert seen == sorted(seen)   # each read is one whole save, never an older one after a newer
+
+
+def test_a_damaged_checkpoint_is_reported_at_once_and_after_the_grace_if_a_writer_seems_stuck(tmp_path: Path,
+                                                                                              monkeypatch):
+    import time
+
+    path = tmp_path / "last.pt"
+    ckpt.write_file(path, _payload(1.0))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    started = time.monotonic()
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 differs from last.pt.sha256"):
+        ckpt.load_file(path)
+    assert time.monotonic() - started < 1.0, "no writer is at work: nothing to wait for"
+    # A writer killed between its renames leaves its pending checksum: waited for, then reported.
+    (tmp_path / ".last.pt.sha256.abc123.tmp").write_text("x")
+    monkeypatch.setattr(ckpt, "_WRITER_GRACE_S", 0.3)
+    started = time.monotonic()
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 differs"):
+        ckpt.load_file(path)
+    assert 0.3 <= time.monotonic() - started < 3.0
