@@ -109,9 +109,17 @@ def _read_verified(path: Path) -> bytes:
             return _verify(path, path.read_bytes())
         except CheckpointError:
             writer_at_work = pending_names(sidecar) or (_identity(path), _identity(sidecar)) != before
-            if not writer_at_work or time.monotonic() > deadline:
+            if not writer_at_work:
                 raise
-            time.sleep(0.01)
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"'{path}' disagrees with {sidecar.name} while a save to it is pending "
+                                      f"(for {_WRITER_GRACE_S:.0f} s): a save still under way, or one killed half-way; "
+                                      "try again when the run's save is done, or pick another checkpoint") from None
+            _wait_for_writer()
+
+
+def _wait_for_writer() -> None:
+    time.sleep(0.01)
 
 
 def _identity(path: Path) -> Tuple[int, int, int]:
@@ -196,10 +204,16 @@ def save(directory: Path, payload: Dict[str, Any], global_step: int, keep: int, 
     for _, old in step_files(directory)[keep:]:
         old.unlink(missing_ok=True)
         checksum_path(old).unlink(missing_ok=True)
-    # Temporary files left by a save that was killed half-way are never read; clear them.
+    clear_unfinished(directory)
+    return step_path
+
+
+def clear_unfinished(directory: Path) -> None:
+    """Delete the temporary files of saves killed half-way: never read, and a reader that
+    meets one beside a damaged file would wait for a writer that is gone. Only for the
+    holder of the run's out_dir (the trainer: no other writer can be at work there)."""
     for stale in directory.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
-    return step_path
 
 
 def to_host(value: Any) -> Any:

@@ -114,8 +114,9 @@ class ModelConfig:
     dilated_depthwise: Literal["auto", "native", "spread"] = "auto"
     # The seed and SepResNet: start C1 with airbench's frozen patch-whitening stem (a 2x2 conv,
     # 3 -> 24 channels, 32x32 -> 31x31, then GELU; models/whitening.py), its filters computed
-    # from the training split (after the val carve) before training; +312 frozen parameters,
-    # and the first conv takes 24 channels instead of 3 (the seed: 153,912 in all).
+    # from the training split (after the val carve) before training; +312 frozen parameters.
+    # The seed's first conv then reads 24 channels instead of 3 (153,912 in all, over its
+    # budget); SepResNet's becomes depthwise-separable (148,314).
     whiten_stem: bool = False
 
 

@@ -56,7 +56,7 @@ def pending_write(path: Path, data: bytes) -> Iterator[None]:
     """Write `data` beside `path` under a temporary name (flushed to disk), run the body,
     then rename it over `path`: a reader sees the old file or the new one, never a torn
     one, even if the process dies mid-write. While the body runs the temporary file is
-    there to be seen (pending_name), which is how a reader knows a write is on its way."""
+    there to be seen (pending_names), which is how a reader knows a write is on its way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -90,6 +90,8 @@ def find_source(cfg: Config, ctx: DistContext) -> Optional[Source]:
         return None
     if resume in ("auto", "latest"):
         directory = ckpt.checkpoint_dir(cfg.out_dir)
+        if ctx.is_main and directory.is_dir():   # rank 0 holds out_dir: no save of its own is under way
+            ckpt.clear_unfinished(directory)
         found = ckpt.find_resumable(directory)
         if found:
             return found

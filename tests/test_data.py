@@ -48,15 +48,25 @@ def test_a_changed_listing_deletes_the_older_cache_in_the_roots_folder_only(tmp_
     root = make_image_folder(tmp_path / "jpg", suffix=".jpg")
     folder, shared = root / ".cifar_ddp_cache", tmp_path / "shared"
     load_dataset(folder_cfg(root))
+    first = load_dataset(folder_cfg(root))   # read from the cache: its train images map the file
+    assert isinstance(first.train.images, np.memmap)
+    first_pixels = decoded_with_pil(root, "train")
     load_dataset(folder_cfg(root, cache_dir=str(shared)))
     (folder / "train-0123456789abcdef.npz").write_bytes(b"an old format's cache")
     before = {p.name for p in folder.iterdir()}
     assert len(before) == 5 and {p.name for p in shared.iterdir()} == before - {"train-0123456789abcdef.npz"}
+    # Not caches: a user's file, and another job's cache write under way.
+    kept = {"train-notes.txt", ".train-fedcba9876543210.npy.x1y2.tmp"}
+    for name in kept:
+        (folder / name).write_bytes(b"keep me")
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "cat" / "0000.jpg")
     changed = load_dataset(folder_cfg(root))
-    after = {p.name for p in folder.iterdir()}
+    after = {p.name for p in folder.iterdir()} - kept
     tests = {n for n in before if n.startswith("test-")}
     assert len(after) == 4 and tests < after and not (after - tests) & before
+    assert all((folder / name).read_bytes() == b"keep me" for name in kept)
+    # The job that mapped the deleted cache still reads its images.
+    assert np.array_equal(np.asarray(first.train.images), first_pixels)
     [cache] = folder.glob("train-*.npy")
     assert np.array_equal(np.load(cache), changed.train.images) and np.array_equal(
         changed.train.images, decoded_with_pil(root, "train"))

@@ -106,7 +106,7 @@ def test_save_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_path: Pat
     # Everything at step 12 is damaged (best.pt too, whichever step it holds): step 6 is left.
     (["save-000002-step-00000012.pt", "last.pt", "best.pt"], ("save-000001-step-00000006.pt", 6)),
 ])
-def test_resume_takes_the_newest_intact_checkpoint_with_warning(tmp_path: Path, damaged, expected):
+def test_resume_takes_the_newest_intact_checkpoint_with_warning(tmp_path: Path, damaged, expected, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(Preempted):
         train_in_process(out, **{"train.epochs": 3, "train.stop_after_steps": 12, "train.keep_checkpoints": 3})
@@ -120,9 +120,16 @@ def test_resume_takes_the_newest_intact_checkpoint_with_warning(tmp_path: Path, 
     name, step = expected
     found = ckpt.find_resumable(directory)
     assert found is not None and found[0].name == name and found[1]["train_state"]["global_step"] == step
+    # The run that wrote them was killed between renames: its pending checksums are left.
+    for name_ in damaged:
+        (directory / f".{name_}.sha256.killed.tmp").write_text("0" * 64)
+
+    waits = []   # on a dead save's leftovers the resume would wait out the grace for each file
+    monkeypatch.setattr(ckpt, "_wait_for_writer", lambda: waits.append(1))
     with pytest.warns(UserWarning, match=f"step-00000012.pt.*resuming from .*{name}"):
         result = train_in_process(out, **{"train.epochs": 3, "train.resume": "auto", "train.keep_checkpoints": 3})
     assert result["global_step"] == 18 and result["epochs"] == 3
+    assert not waits, "the resume waited for a writer that is gone instead of clearing its leftovers"
 
 
 def test_warnings_on_the_console_are_one_line(tmp_path: Path):

@@ -198,8 +198,10 @@ class _ArrayCache:
     def remove_older(self) -> None:
         """Delete this split's caches of other listings (older fingerprints, and the older
         `.npz` format): after a file changed, each would keep 150 MB nobody reads again. A
-        job still mapping one keeps its pages (unlinking leaves an open file readable); a
-        job about to read one finds it gone and decodes."""
+        job of this machine still mapping one keeps its pages (unlinking leaves an open
+        file readable); one about to read it finds it gone and decodes. On NFS a job of
+        another machine mapping it can lose its pages (a stale handle): README says to
+        keep data.cache_dir on a local disk there (it is never pruned)."""
         split = self.images.name.split("-")[0]
         for path in self.images.parent.glob(f"{split}-*"):
             if path.suffix in (".npy", ".crc32", ".npz") and path not in (self.images, self.checksum):

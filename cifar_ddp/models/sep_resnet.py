@@ -86,7 +86,7 @@ class SepResNet(nn.Module):
             *stem,
             nn.BatchNorm2d(w1), nn.ReLU(),
             SeparableResidualUnit(w1, dilation=2),
-            SeparableDownUnit(w1, w2),                                    # 32 -> 16
+            SeparableDownUnit(w1, w2),                                    # 32 (31 after the stem) -> 16
         )
         self.c2 = nn.Sequential(
             SeparableResidualUnit(w2, dilation=2),
