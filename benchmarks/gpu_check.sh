@@ -24,9 +24,12 @@
 # sep_resnet10_lightaug as it is; + airbench's optimisation options (alternating flip, BN
 # biases at 64x the LR with frozen gains, BN momentum 0.4); + light mixup/CutMix; and
 # configs/sep_resnet10_mix.yaml (both); CANDIDATES="..." picks others: muon (lightaug
-# with train.optimizer=muon), whiten (with the patch-whitening stem, 148,314 parameters),
-# lookahead (train.lookahead_every_steps=5), mixgate (configs/mixgate10.yaml), e.g.
-# CANDIDATES="lightaug whiten lookahead mixgate" (4 per seed keeps inside the 10 minutes).
+# with train.optimizer=muon), whiten (configs/sep_resnet10_whiten.yaml: the patch-whitening
+# stem, 148,314 parameters; +1.0 point on the carve on a CPU), lookahead
+# (train.lookahead_every_steps=5), mixgate (configs/mixgate10.yaml), and on top of the
+# whitening stem: whiten_lookahead, whiten_mix, whiten_opt, whiten_muon, e.g.
+# CANDIDATES="whiten whiten_lookahead whiten_mix whiten_muon" (4 per seed keeps inside the
+# 10 minutes).
 # $OUT/issue30.tsv gets each run's val accuracy.
 # `issue29` runs issue 29's measurements instead: benchmarks/wall_time.py for fast85_gpu,
 # 3 runs start to exit (the breakdown: start-up, data, set-up, steps, evaluation, ...), as
@@ -120,10 +123,15 @@ if [ "${2:-}" = issue30 ]; then
         mix) args=(--config configs/sep_resnet10_lightaug.yaml "${mix[@]}") ;;
         recipe) args=(--config configs/sep_resnet10_mix.yaml) ;;
         muon) args=(--config configs/sep_resnet10_lightaug.yaml train.optimizer=muon) ;;
-        whiten) args=(--config configs/sep_resnet10_lightaug.yaml model.whiten_stem=true) ;;
+        whiten) args=(--config configs/sep_resnet10_whiten.yaml) ;;
         lookahead) args=(--config configs/sep_resnet10_lightaug.yaml train.lookahead_every_steps=5) ;;
         mixgate) args=(--config configs/mixgate10.yaml) ;;
-        *) echo "unknown candidate $candidate (lightaug, opt, mix, recipe, muon, whiten, lookahead, mixgate)"; exit 2 ;;
+        whiten_lookahead) args=(--config configs/sep_resnet10_whiten.yaml train.lookahead_every_steps=5) ;;
+        whiten_mix) args=(--config configs/sep_resnet10_whiten.yaml "${mix[@]}") ;;
+        whiten_opt) args=(--config configs/sep_resnet10_whiten.yaml "${opt[@]}") ;;
+        whiten_muon) args=(--config configs/sep_resnet10_whiten.yaml train.optimizer=muon) ;;
+        *) echo "unknown candidate $candidate (lightaug, opt, mix, recipe, muon, whiten, lookahead, mixgate," \
+                "whiten_lookahead, whiten_mix, whiten_opt, whiten_muon)"; exit 2 ;;
       esac
       step "i30_${candidate}_s$seed" 60 python3 launch/train.py "${args[@]}" "${carve[@]}" seed=$seed \
         out_dir=/tmp/runs/i30/${candidate}_s$seed
