@@ -60,18 +60,18 @@ def pending_write(path: Path, data: bytes) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        yield
+        try:
+            os.fchmod(fd, _FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.filename is None:     # a failed write() names no file: name the one meant
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            raise
+        yield                            # the body's own errors pass as they are
         os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if exc.filename is None:     # a failed write() names no file: name the one meant
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

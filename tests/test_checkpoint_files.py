@@ -253,3 +253,21 @@ def test_a_damaged_checkpoint_is_reported_at_once_and_after_the_grace_if_a_write
     with pytest.raises(ckpt.CheckpointError, match="disagrees with last.pt.sha256 while a save to it is pending"):
         ckpt.load_file(path)
     assert 0.3 <= time.monotonic() - started < 3.0
+
+
+def test_a_pending_write_is_undone_when_its_body_fails_and_the_bodys_error_is_left_as_it_is(tmp_path: Path):
+    import errno
+
+    from cifar_ddp import files
+
+    target = tmp_path / "last.pt.sha256"
+    target.write_text("old")
+    with pytest.raises(OSError) as info:
+        with files.pending_write(target, b"new"):
+            assert files.pending_names(target)        # visible while the body runs
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.filename is None                # not renamed after the checksum file
+    assert target.read_text() == "old" and not files.pending_names(target)
+    with files.pending_write(target, b"new"):
+        pass
+    assert target.read_bytes() == b"new" and not files.pending_names(target)
