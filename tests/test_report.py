@@ -169,14 +169,45 @@ def test_reliability_diagram_draws_each_bins_accuracy_at_its_centre_and_its_coun
     report.pyplot().close(fig)
 
 
-def test_tta_is_reported_beside_the_plain_accuracy(last_pt: Path, tmp_path: Path):
-    from conftest import make_image_folder
+def mirror_sensitive_folder(last_pt: Path, root: Path, per_class: int = 10) -> Path:
+    """A test/<class>/*.png tree on which the toy model's answer changes when mirrored, for some.
 
-    # Noise pictures: the toy model's answers on them change when mirrored (flat colours would not).
-    noise = make_image_folder(tmp_path / "noise", per_class=10, splits=("test",), seed=3)
+    Candidates blend two classes' colours from left to right, through every mixing point, so
+    some sit on a decision boundary that a mirror crosses. Which ones depends on the weights
+    (which another CPU's kernels round otherwise), so they are picked by the float64 reference
+    here: the premise is built into the data, not hoped of the trained model."""
+    net = load_for_inference(last_pt).model.double().eval()
+    rng = np.random.default_rng(3)
+    colours = np.array([[25 * k, 255 - 25 * k, (70 * k) % 256] for k in range(10)], dtype=np.float64)
+    ramp = np.linspace(0.0, 1.0, 32)
+    candidates = []
+    for k in range(10):
+        for j in range(10):
+            for centre in np.linspace(-0.6, 0.6, 13):   # where the blend is half and half
+                weight = np.clip(ramp[None, :, None] - centre, 0.0, 1.0) if j != k else np.zeros((1, 32, 1))
+                picture = colours[k] * (1 - weight) + colours[j] * weight + rng.integers(-30, 30, (32, 32, 3))
+                candidates.append((k, np.broadcast_to(picture, (32, 32, 3)).clip(0, 255).astype(np.uint8)))
+    pictures = np.stack([picture for _, picture in candidates])
+    with torch.no_grad():
+        x = uint8_to_input(pictures).double()
+        plain, mirrored = net(x), net(x.flip(3))
+    differs = (plain.argmax(1) != ((plain + mirrored) / 2).argmax(1)).numpy()
+    assert differs.sum() >= 3, f"only {differs.sum()} of {len(candidates)} candidates tell TTA from plain"
+    # Per class: those that tell TTA from plain first, then the rest.
+    order = sorted(range(len(candidates)), key=lambda i: (not differs[i], rng.random()))
+    for k, name in enumerate(CIFAR10_CLASSES):
+        (root / "test" / name).mkdir(parents=True)
+        chosen = [i for i in order if candidates[i][0] == k][:per_class]
+        for n, i in enumerate(chosen):
+            Image.fromarray(candidates[i][1]).save(root / "test" / name / f"{n}.png")
+    return root
+
+
+def test_tta_is_reported_beside_the_plain_accuracy(last_pt: Path, tmp_path: Path):
+    blends = mirror_sensitive_folder(last_pt, tmp_path / "blends")
     payload = ckpt.load_file(last_pt)
     cfg = config_from_dict(payload["config"], ["train.channels_last=false", "train.precision=fp32",
-                                               f"data.root={noise}"])
+                                               f"data.root={blends}"])
     plain = evaluate_checkpoint(payload, cfg, DistContext())
     both = evaluate_checkpoint(payload, cfg, DistContext(), tta_flip=True)
     assert "accuracy_tta" not in plain

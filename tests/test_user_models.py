@@ -21,7 +21,7 @@ from cifar_ddp.errors import ConfigError
 from cifar_ddp.models import build_model, register_model, registered_names, resolve
 from cifar_ddp.receptive_field import receptive_field
 
-from conftest import REPO, assert_bitwise_equal, final_weights, job_env, run_job, tiny_overrides, torchrun, train_in_process
+from conftest import REPO, final_weights, job_env, run_job, tiny_overrides, torchrun, train_in_process
 
 EXAMPLE = f"{REPO}/examples/tiny_net.py:TinyNet"
 OLD = REPO / "tests" / "data" / "main_f4f7ebd"
@@ -60,17 +60,21 @@ def test_register_model_on_a_function_builds_it_and_refuses_a_second_owner_of_th
 @pytest.mark.parametrize("name, widths", [("seed", "[4,8,8]"), ("sep_resnet", "[4,8,8,8]")])
 def test_checkpoints_written_by_earlier_main_load_evaluate_and_resume_the_same(tmp_path: Path, name, widths,
                                                                               one_thread):
-    """tests/data/main_f4f7ebd holds runs of main before the registry (one thread, as here):
-    a fresh run must reach the old epoch-1 weights bit for bit, and resuming the old
-    epoch-1 file must end at the old epoch-2 file's weights."""
-    common = [f"model.name={name}", f"model.widths={widths}", "data.fake_size=96", "train.progress_bar=false"]
+    """tests/data/main_f4f7ebd holds runs of main before the registry (fp32, one thread, as here):
+    a fresh run must reach the old epoch-1 weights, and resuming the old epoch-1 file must end
+    at the old epoch-2 file's weights, its step, learning rate and random state."""
+    # fp32: precision=auto takes bf16 on a CPU with AMX / AVX-512 bf16, whose rounding grows to
+    # 10% of a step within three. In fp32 another CPU's kernels still sum in another order, so
+    # the weights are compared to a tolerance below what a change to training moves them.
+    common = [f"model.name={name}", f"model.widths={widths}", "data.fake_size=96", "train.progress_bar=false",
+              "train.precision=fp32"]
     from cifar_ddp.trainer import run
 
     fresh = tmp_path / "fresh"
     run(load_config(REPO / "configs" / "smoke.yaml", [*common, f"out_dir={fresh}", "train.epochs=1"]), DistContext())
     old1 = ckpt.load_file(OLD / f"{name}_epoch1.pt")
     old2 = ckpt.load_file(OLD / f"{name}_epoch2.pt")
-    assert_bitwise_equal(final_weights(fresh), old1["model"])
+    assert_weights_close(final_weights(fresh), old1["model"])
 
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
@@ -79,10 +83,41 @@ def test_checkpoints_written_by_earlier_main_load_evaluate_and_resume_the_same(t
     result = run(load_config(REPO / "configs" / "smoke.yaml", [*common, f"out_dir={resumed}", "train.epochs=2",
                                                                "train.resume=latest"]), DistContext())
     assert result["global_step"] == 6
-    assert_bitwise_equal(final_weights(resumed), old2["model"])
+    new2 = ckpt.load_file(ckpt.checkpoint_dir(resumed) / "last.pt")
+    assert_weights_close(new2["model"], old2["model"])
+    # What no kernel rounds: the schedule's position and every random stream's state.
+    assert [g["lr"] for g in new2["optimizer"]["param_groups"]] == [g["lr"] for g in old2["optimizer"]["param_groups"]]
+    assert_rng_equal(new2["rank_rng"], old2["rank_rng"])
     # And the old file rebuilds through the registry from its own stored config.
     model = build_model(old2["config"])
     model.load_state_dict(old2["model"])
+
+
+def assert_weights_close(new: dict, old: dict) -> None:
+    """Equal to within what another CPU's kernels make of three fp32 steps: 6e-5 with oneDNN and
+    ATen held to AVX2 on an AVX-512 machine (0 on the machine that wrote the files). A resume that
+    drops the momentum, or runs the schedule one step off, moves a weight by more than 5e-4."""
+    assert new.keys() == old.keys()
+    for key in old:
+        if old[key].is_floating_point():
+            torch.testing.assert_close(new[key], old[key], rtol=0, atol=5e-4, msg=key)
+        else:
+            assert torch.equal(new[key], old[key]), key
+
+
+def assert_rng_equal(new, old) -> None:
+    if isinstance(old, torch.Tensor):
+        assert torch.equal(new, old)
+    elif isinstance(old, dict):
+        assert new.keys() == old.keys()
+        for key in old:
+            assert_rng_equal(new[key], old[key])
+    elif isinstance(old, (list, tuple)):
+        assert len(new) == len(old)
+        for a, b in zip(new, old):
+            assert_rng_equal(a, b)
+    else:
+        assert new == old
 
 
 @pytest.fixture
