@@ -29,7 +29,8 @@ whole config that would run, defaults included, and exits.
 
 Exit status: 0 done, 2 bad config/data/checkpoint (message on stderr),
 75 stopped by SIGTERM, SIGINT or SIGUSR1 (SLURM's warning before the time limit) or by
-train.stop_after_steps, after writing a checkpoint (resume with train.resume=auto).
+train.stop_after_steps, after writing a checkpoint (resume it with --resume; a requeued
+job script uses train.resume=auto, which starts afresh when out_dir holds no checkpoint).
 """
 
 EVALUATE = """Evaluate a checkpoint on the test split of the configured data (on the validation
