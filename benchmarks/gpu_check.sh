@@ -28,8 +28,7 @@
 # with train.optimizer=muon), whiten (configs/sep_resnet10_whiten.yaml: the patch-whitening
 # stem, 148,314 parameters; +1.0 point on the carve on a CPU), lookahead
 # (train.lookahead_every_steps=5), mixgate (configs/mixgate10.yaml), and on top of the
-# whitening stem: whiten_lookahead, whiten_mix, whiten_opt, whiten_muon, whiten_lr (peak LR
-# 0.4 at batch 128, square-root scaling instead of linear), e.g.
+# whitening stem: whiten_lookahead, whiten_mix, whiten_opt, whiten_muon, e.g.
 # CANDIDATES="whiten whiten_lookahead whiten_mix whiten_muon" (4 per seed keeps inside the
 # 10 minutes).
 # $OUT/issue30.tsv gets each run's val accuracy.
@@ -133,9 +132,8 @@ if [ "${2:-}" = issue30 ]; then
         whiten_mix) args=(--config configs/sep_resnet10_whiten.yaml "${mix[@]}") ;;
         whiten_opt) args=(--config configs/sep_resnet10_whiten.yaml "${opt[@]}") ;;
         whiten_muon) args=(--config configs/sep_resnet10_whiten.yaml train.optimizer=muon) ;;
-        whiten_lr) args=(--config configs/sep_resnet10_whiten.yaml train.lr=0.8) ;;
         *) echo "unknown candidate $candidate (lightaug, opt, mix, recipe, muon, whiten, lookahead, mixgate," \
-                "whiten_lookahead, whiten_mix, whiten_opt, whiten_muon, whiten_lr)"; exit 2 ;;
+                "whiten_lookahead, whiten_mix, whiten_opt, whiten_muon)"; exit 2 ;;
       esac
       step "i30_${candidate}_s$seed" 60 python3 launch/train.py "${args[@]}" "${carve[@]}" seed=$seed \
         out_dir=/tmp/runs/i30/${candidate}_s$seed
