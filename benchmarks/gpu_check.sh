@@ -38,7 +38,8 @@
 # train.cudnn_benchmark=false (no autotuning: the set-up cost against the steady speed) and
 # with train.cudnn_benchmark_limit 1 and 0 (PyTorch's default tries 10 algorithms); and
 # configs/seed50.yaml at batch 512, captured, start to exit (time to 85%); the limits add up
-# past DEADLINE, which cuts the last step short if every step runs to its limit. Run `issue29_sep` as a second command: the SepResNet grid (issue 29 item 5): its captured
+# past DEADLINE, which cuts the last step short if every step runs to its limit.
+# Run `issue29_sep` as a second command: the SepResNet grid (issue 29 item 5): its captured
 # training step at batch 512 and 128 for model.dilated_depthwise {native, spread} x
 # train.channels_last {true, false}, eager + captured and then compiled + captured, with
 # the seed net (fast85_gpu) timed first in each of those 4 runs (benchmarks/model_speed.py,
